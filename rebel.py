@@ -1,0 +1,239 @@
+"""REBEL: REinforcement learning via regressing relative rewards (Gao et al., 2024).
+
+RLHF asks for a policy that maximises reward while staying close to a reference policy pi_ref:
+
+    max_pi  E_{x~D, y~pi(.|x)} [ r(x, y) ]  -  (1/eta) KL( pi(.|x) || pi_ref(.|x) )
+
+Mirror descent on this objective from the current policy pi_t has the closed form
+pi_{t+1}(y|x) ∝ pi_t(y|x) exp(eta r(x, y)), whose partition function Z(x) is intractable. REBEL removes it by
+taking the difference of two responses y, y' to the same prompt: Z(x) cancels, and pi_{t+1} is the solution of a
+least-squares regression of the *relative* log-ratio onto the *relative* reward,
+
+    pi_{t+1} = argmin_theta  E_{x, y, y'} ( (1/eta) [ ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x) ]
+                                            - [ r(x, y) - r(x, y') ] )^2 .
+
+We minimise it multiplied through by eta^2 (as the authors' code does); see `rebel_loss`. No value model, no
+clipping, no advantage estimation: two samples per prompt and a squared error. Here y and y' both come from pi_t by
+default; `--mu` takes y' from pi_ref or from the dataset's reference response instead (the paper's general form).
+The KL to pi_ref enters through the reward, r = score - kl_coef * sum_tokens (ln pi_t - ln pi_ref).
+
+Per iteration: sample pairs -> score them -> K passes of regression over the pairs in minibatches.
+
+    python rebel.py                                        # the embedded arithmetic task, offline on CPU
+    torchrun --nproc_per_node 8 rebel.py --model ... --reward-model ... --dataset ...
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """policy to train (hub id or local folder); it is also pi_ref, the frozen reference"""
+    reward_model: str | None = None
+    """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn"""
+    reward_fn: str = "common:arithmetic_reward"
+    """reward function `module:function` or `file.py:function`, f(prompts, responses) -> list of floats"""
+    dataset: str = common.ARITHMETIC
+    """hub id, local folder or .json/.jsonl/.csv/.parquet file in a TRL format; 'arithmetic' is the embedded task"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """split to evaluate on (if missing, the last rows of the train split are held out)"""
+    num_eval_prompts: int = 150
+    """number of held-out prompts evaluated before and after training"""
+    output_dir: str = "runs/rebel"
+    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    seed: int = 1
+    """random seed (each process adds its rank)"""
+    num_iterations: int = 16
+    """training iterations: sample a batch of pairs from pi_t, then regress on it"""
+    batch_size: int = 16
+    """prompts per iteration over all processes (two responses each); paper: 512"""
+    num_passes: int = 2
+    """K: passes over each iteration's pairs; paper: 4"""
+    num_minibatches: int = 2
+    """optimizer steps per pass (the pairs are split into this many minibatches)"""
+    grad_accum_steps: int = 1
+    """micro-batches per minibatch (lowers memory, same result)"""
+    lr: float = 1e-5
+    """AdamW learning rate, decayed linearly to 0; paper: 3e-6"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    eta: float = 1.0
+    """eta: the reward scale of the regression target (1/eta weighs the KL to pi_t)"""
+    kl_coef: float = 0.05
+    """coefficient of the KL-to-reference penalty subtracted from each response's reward"""
+    mu: Literal["policy", "reference", "dataset"] = "policy"
+    """where y' comes from: pi_t (default), pi_ref, or the dataset's reference response"""
+    temperature: float = 0.7
+    """sampling temperature for training (log-probs use the same temperature)"""
+    eval_temperature: float = 0.0
+    """sampling temperature for evaluation; 0 is greedy"""
+    max_new_tokens: int = 16
+    """response length; responses are cut after their first EOS; paper (TL;DR): 53"""
+    max_prompt_length: int = 512
+    """prompts are left-truncated to this many tokens"""
+    eos_penalty: float = -1.0
+    """score given to a response that has no EOS within max_new_tokens"""
+    micro_batch_size: int = 32
+    """sequences per forward pass when computing log-probs without gradient and when evaluating"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """precision of the frozen models and of autocast for the policy (auto: bfloat16 on GPU, float32 on CPU)"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also log metrics to tensorboard or wandb (must be installed)"""
+
+
+def check_args(args: Args, world_size: int):
+    """Reject bad flag combinations with one clear line, before anything is loaded."""
+    for flag in ("num_iterations", "num_passes", "num_minibatches", "grad_accum_steps", "max_new_tokens",
+                 "micro_batch_size", "num_eval_prompts", "max_prompt_length"):
+        if getattr(args, flag) <= 0:
+            common.fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    per_step = world_size * args.num_minibatches * args.grad_accum_steps
+    if args.batch_size <= 0 or args.batch_size % per_step:
+        common.fail(f"--batch-size {args.batch_size} must be a positive multiple of processes ({world_size}) x "
+                    f"--num-minibatches ({args.num_minibatches}) x --grad-accum-steps ({args.grad_accum_steps})")
+    if args.temperature <= 0:
+        common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
+    if args.eta <= 0:
+        common.fail(f"--eta must be positive, got {args.eta}")
+    common.check_report_to(args.report_to)
+
+
+def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
+               reward: torch.Tensor, reward_pair: torch.Tensor, eta: float) -> torch.Tensor:
+    """The REBEL regression (times eta^2), mean over pairs; log-probs are sequence sums:
+
+        ( [ln pi_theta(y) - ln pi_t(y)] - [ln pi_theta(y') - ln pi_t(y')] - eta * [r(y) - r(y')] )^2
+    """
+    return (((logp - logp_old) - (logp_pair - logp_pair_old) - eta * (reward - reward_pair)) ** 2).mean()
+
+
+@torch.no_grad()
+def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, device, dtype) -> dict:
+    """Two responses per prompt, their pi_t and pi_ref log-probs, and their KL-regularised rewards.
+
+    Returns tensors with the y half first and the y' half second (2b rows)."""
+    query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
+    query, query_mask = query.repeat(2, 1), query_mask.repeat(2, 1)
+    b = len(rows)
+    with common.autocast(device, dtype):
+        if args.mu == "policy":
+            responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature)
+        else:
+            y = common.generate(policy, tokenizer, query[:b], query_mask[:b], args.max_new_tokens, args.temperature)
+            if args.mu == "reference":
+                y_pair = common.generate(reference, tokenizer, query[b:], query_mask[b:], args.max_new_tokens,
+                                         args.temperature)
+            else:
+                y_pair = common.right_pad([r["reference_ids"] for r in rows], args.max_new_tokens,
+                                          tokenizer.pad_token_id, device)
+                y_pair = common.cut_after_eos(y_pair, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            responses = torch.cat([y, y_pair])
+        mask = common.eos_mask(responses, tokenizer.eos_token_id)
+        logp_old = common.batched_logprobs(policy, query, query_mask, responses, mask, args.temperature,
+                                           args.micro_batch_size)
+        logp_ref = common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
+                                           args.micro_batch_size)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    ended = common.has_eos(responses, tokenizer.eos_token_id)
+    scores = score([r["prompt"] for r in rows] * 2, [r["prompt_text"] for r in rows] * 2, texts)
+    scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)
+    kl = (logp_old - logp_ref).sum(1)
+    return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old.sum(1),
+                scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, ended=ended.float())
+
+
+def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype) -> dict:
+    """K passes of the REBEL regression over this rank's pairs, in minibatches of micro-batches.
+
+    Each micro-batch forwards y and y' together (one forward, so DDP sees one backward per forward)."""
+    b = len(batch["rewards"]) // 2
+    minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
+    losses, predicted = [], torch.zeros(b, device=device)
+    for _ in range(args.num_passes):
+        order = torch.randperm(b, device=device)
+        for start in range(0, b, minibatch):
+            for step, micro_start in enumerate(range(start, start + minibatch, micro)):
+                i = order[micro_start:micro_start + micro]
+                both = torch.cat([i, i + b])  # y rows, then their y' rows
+                with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), \
+                        common.autocast(device, dtype):
+                    logp = common.response_logprobs(policy, batch["query"][both], batch["query_mask"][both],
+                                                    batch["responses"][both], batch["mask"][both],
+                                                    args.temperature).sum(1)
+                    logp_ratio = logp - batch["logp_old"][both]
+                    loss = rebel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
+                                      batch["rewards"][i], batch["rewards"][i + b], args.eta)
+                    (loss / args.grad_accum_steps).backward()
+                losses.append(loss.detach())
+                predicted[i] = (logp_ratio[:len(i)] - logp_ratio[len(i):]).detach() / args.eta
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    target = batch["rewards"][:b] - batch["rewards"][b:]
+    return {"loss": torch.stack(losses).mean(), "reward_diff": target.abs().mean(),
+            "regression_corr": torch.corrcoef(torch.stack([predicted, target]))[0, 1].nan_to_num(0.0)}
+
+
+def main(args: Args):
+    rank, world_size, device = common.setup_distributed()
+    check_args(args, world_size)
+    common.seed_everything(args.seed, rank)
+    dtype = common.parse_dtype(args.dtype, device)
+
+    # Data first: a missing column or an empty split stops us before any model is loaded.
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts)
+    common.check_columns(train_rows, args.dataset, need_reference=args.mu == "dataset")
+    score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
+    tokenizer = common.load_tokenizer(args.model)
+    train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
+    eval_rows = common.shard(common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length))
+
+    policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
+    reference = common.freeze(common.load_model(args.model, device, dtype))
+    policy = common.wrap_ddp(policy, device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
+    total_steps = args.num_iterations * args.num_passes * args.num_minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+
+    def evaluate():
+        with common.autocast(device, dtype):
+            return common.evaluate(policy, tokenizer, eval_rows, score, args.max_new_tokens, args.eval_temperature,
+                                   args.micro_batch_size, device)
+
+    before = evaluate()
+    common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc="rebel"):
+        # 1. Sample two responses per prompt from pi_t; score them; KL-regularise the scores.
+        batch = rollout(policy, reference, tokenizer, next(batches), score, args, device, dtype)
+        # 2. Regress the relative log-ratio onto the relative reward (K passes, minibatches).
+        stats = update(policy, optimizer, scheduler, batch, args, device, dtype)
+        # 3. Log the mean over all processes.
+        metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "eos_fraction": batch["ended"].mean(),
+                   "length": batch["mask"].sum(1).float().mean(), **stats}
+        values = common.all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float()
+                                                     for v in metrics.values()]))
+        log({**dict(zip(metrics, values.tolist())), "lr": scheduler.get_last_lr()[0]}, iteration)
+
+    after = evaluate()
+    common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")
+    log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
+        args.num_iterations)
+    common.save_model(policy, tokenizer, args.output_dir)
+    common.print0(f"saved the policy to {args.output_dir}")
+    common.clean_exit()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
