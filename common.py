@@ -157,7 +157,9 @@ def embedded_model_dir() -> str:
         print0("converting the embedded model from GGUF (once, ~20 s) ...")
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        config = gguf_model.config
+        del config.quantization_config  # the weights are de-quantized: save them as a plain model
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         out = Path(tmp) / "model"
         model.save_pretrained(out)
