@@ -230,10 +230,10 @@ def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, de
     An episode starts at the prompt followed by a prefix of context tokens (no loss, KL or advantage on them; the
     score reads prefix + response). In PPO every prefix is empty."""
     model = common.unwrap(model)
-    prefixes = [[] for _ in rows]
-    query, query_mask = common.left_pad([r["input_ids"] + p for r, p in zip(rows, prefixes)],
-                                        tokenizer.pad_token_id, device)
     with common.autocast(device, dtype):
+        prefixes = [[] for _ in rows]  # PPO: every episode starts at the bare prompt
+        query, query_mask = common.left_pad([r["input_ids"] + p for r, p in zip(rows, prefixes)],
+                                            tokenizer.pad_token_id, device)
         responses = common.generate(model.policy, tokenizer, query, query_mask, args.max_new_tokens,
                                     args.temperature)
         mask = common.eos_mask(responses, tokenizer.eos_token_id)

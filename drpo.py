@@ -1,0 +1,417 @@
+"""DR-PO: PPO whose episodes start from prefixes of the dataset's good responses (Chang et al., 2024, "Dataset Reset
+Policy Optimization for RLHF"). Everything but the reset is ppo.py; `diff ppo.py drpo.py` shows the reset.
+
+The reset. Each prompt x comes with a good response y* (the dataset's `completion`, or `chosen` for preference
+data; y* ends with EOS). With probability --reset-prob (the authors': 1.0) the episode starts at x + y*[:h], h
+uniform over {1, ..., len(y*) - 1}, so the learner always writes at least y*'s last token; otherwise, or when
+len(y*) < 2, at the bare prompt (`dataset_prefixes`, `reset_points`). The prefix tokens are context: they are
+appended to the query, with no loss, KL or advantage on them (the authors force them through `generate` and mask
+the policy loss; KL and value terms on prefix positions do not change later advantages, so the policy gradient is
+the same); the learner's response keeps the full width max_new_tokens; the score reads y*[:h] + response.
+Evaluation always starts at the bare prompt. The authors' TL;DR config also whitens rewards and decays the learning
+rate with a cosine (--whiten-rewards --lr-schedule cosine).
+
+PPO, as in ppo.py:
+
+The same objective as every script here: maximise reward while staying close to the reference policy pi_ref,
+
+    max_pi  E_{x~D, y~pi(.|x)} [ r(x, y) - kl_coef * KL( pi(.|x) || pi_ref(.|x) ) ] .
+
+A response is an episode: the state s_t is the prompt plus the first t response tokens, the action a_t the next
+token. The KL enters every token's reward, the score only the last one (the EOS):
+
+    r_t = -kl_coef * (ln pi_t(a_t|s_t) - ln pi_ref(a_t|s_t))  + [t = last] * score(x, y)
+
+A value model V (a scalar head on a transformer) gives generalised advantage estimates, backwards over the response
+(`gae`), whitened over the whole global batch, response tokens only (`masked_whiten`):
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma lambda A_{t+1},   returns_t = A_t + V(s_t)
+
+Then several epochs of minibatch steps on the clipped surrogate (`policy_loss`) and the clipped value error
+(`value_loss`), both means over the response tokens of the minibatch, rho_t = pi_theta(a_t|s_t) / pi_t(a_t|s_t):
+
+    L_pi = max( -A_t rho_t,  -A_t clip(rho_t, 1 - eps, 1 + eps) )
+    L_V  = 0.5 max( (V_theta(s_t) - R_t)^2,  (V_t(s_t) + clip(V_theta(s_t) - V_t(s_t), -eps_V, eps_V) - R_t)^2 )
+    loss = L_pi + vf_coef * L_V
+
+The value model starts from the reward model when there is one, else from the policy with a zero score head (V = 0).
+Policy and value model sit in one module (`PolicyAndValue`) wrapped once by DDP, so both models' gradients are
+synchronised. ppo_plus.py and drpo.py are this file with a different episode start (a reset); `diff` shows it.
+
+Per iteration: roll out -> per-token rewards, GAE, whitening -> PPO epochs over minibatches.
+
+    python drpo.py                                         # the embedded arithmetic task, offline on CPU
+    torchrun --nproc_per_node 8 drpo.py --model ... --reward-model ... --dataset ...
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """policy to train (hub id or local folder); it is also pi_ref, the frozen reference"""
+    reward_model: str | None = None
+    """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn. The
+    value model starts from it, so it must share the policy's tokenizer"""
+    reward_fn: str = "common:arithmetic_reward"
+    """reward function `module:function` or `file.py:function`, f(prompts, responses) -> list of floats"""
+    dataset: str = common.ARITHMETIC
+    """hub id, local folder or .json/.jsonl/.csv/.parquet file in a TRL format; 'arithmetic' is the embedded task"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """split to evaluate on (if missing, the last rows of the train split are held out)"""
+    num_eval_prompts: int = 150
+    """number of held-out prompts evaluated before and after training"""
+    reset_prob: float = 1.0
+    """probability that an episode starts from a prefix of the dataset's response instead of the bare prompt"""
+    output_dir: str = "runs/drpo"
+    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    seed: int = 1
+    """random seed (each process adds its rank)"""
+    num_iterations: int = 12
+    """training iterations: roll out a batch with pi_t, then PPO epochs on it"""
+    batch_size: int = 32
+    """prompts (= episodes) per iteration over all processes; paper (TL;DR): 512"""
+    num_ppo_epochs: int = 2
+    """passes over each iteration's episodes; paper: 4"""
+    num_minibatches: int = 2
+    """optimizer steps per epoch (the episodes are split into this many minibatches)"""
+    grad_accum_steps: int = 1
+    """micro-batches per minibatch (lowers memory, same result)"""
+    lr: float = 1e-5
+    """AdamW learning rate of policy and value model; paper (TL;DR): 3e-6"""
+    lr_schedule: Literal["linear", "cosine"] = "linear"
+    """decay of the learning rate to 0 over training (DR-PO's TL;DR config: cosine)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    kl_coef: float = 0.05
+    """coefficient of the per-token KL-to-reference penalty in the rewards"""
+    gamma: float = 1.0
+    """discount factor of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    cliprange: float = 0.2
+    """eps: the policy ratio is clipped to [1 - eps, 1 + eps]"""
+    cliprange_value: float = 0.2
+    """eps_V: the value moves at most this far from its rollout value before the loss clips it"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (scale only) over the batch before GAE (DR-PO's TL;DR config: on)"""
+    temperature: float = 0.7
+    """sampling temperature for training (log-probs use the same temperature)"""
+    eval_temperature: float = 0.0
+    """sampling temperature for evaluation; 0 is greedy"""
+    max_new_tokens: int = 16
+    """response length; responses are cut after their first EOS; paper (TL;DR): 53"""
+    max_prompt_length: int = 512
+    """prompts are left-truncated to this many tokens"""
+    eos_penalty: float | None = -1.0
+    """score given to a response that has no EOS within max_new_tokens (None: no penalty, the score as it is)"""
+    micro_batch_size: int = 32
+    """sequences per forward pass when computing log-probs and values without gradient and when evaluating"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """precision of the frozen models and of autocast for the trained ones (auto: bfloat16 on GPU, float32 on CPU)"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also log metrics to tensorboard or wandb (must be installed)"""
+
+
+def check_args(args: Args, world_size: int):
+    """Reject bad flag combinations with one clear line, before anything is loaded."""
+    for flag in ("num_iterations", "num_ppo_epochs", "num_minibatches", "grad_accum_steps", "max_new_tokens",
+                 "micro_batch_size", "num_eval_prompts", "max_prompt_length"):
+        if getattr(args, flag) <= 0:
+            common.fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    per_step = world_size * args.num_minibatches * args.grad_accum_steps
+    if args.batch_size <= 0 or args.batch_size % per_step:
+        common.fail(f"--batch-size {args.batch_size} must be a positive multiple of processes ({world_size}) x "
+                    f"--num-minibatches ({args.num_minibatches}) x --grad-accum-steps ({args.grad_accum_steps})")
+    if args.temperature <= 0:
+        common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
+    for flag in ("gamma", "lam", "reset_prob"):
+        if not 0 <= getattr(args, flag) <= 1:
+            common.fail(f"--{flag} must be in [0, 1], got {getattr(args, flag)}")
+    for flag in ("cliprange", "cliprange_value", "vf_coef"):
+        if getattr(args, flag) < 0:
+            common.fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    common.check_report_to(args.report_to)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The PPO pieces, each next to its equation in the module docstring
+# ----------------------------------------------------------------------------------------------------------------
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over all processes (the tensor itself in a single process)."""
+    if torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the entries where mask is 1, over all processes (the global batch); 0 where mask is 0.
+    The variance is the unbiased one. shift_mean=False adds the mean back (scales only; used for rewards)."""
+    mask = mask.float()
+    total, count = global_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = total / count
+    var = global_sum(((x - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates [B, R], backwards over the response tokens (0 where mask is 0):
+
+        delta_t = r_t + gamma V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma lambda A_{t+1}
+
+    with r and V taken as 0 after the last response token (the episode ends at the EOS)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value, next_advantage = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t], next_value = next_advantage, values[:, t]
+    return advantages * mask
+
+
+def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, eps: float) -> tuple:
+    """The clipped surrogate per token, max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) with rho = exp(logp - logp_old).
+    Returns (loss [B, R], whether the clipped term was the larger [B, R])."""
+    ratio = torch.exp(logp - logp_old)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, eps: float) -> tuple:
+    """The clipped value error per token, 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2).
+    Returns (loss [B, R], whether the clipped term was the larger [B, R])."""
+    unclipped = (values - returns) ** 2
+    clipped = (values_old + (values - values_old).clamp(-eps, eps) - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the entries where mask is 1 (this process only)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position ([B, R])."""
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reset: prefixes of the dataset's responses
+# ----------------------------------------------------------------------------------------------------------------
+def reset_points(lengths: torch.Tensor) -> torch.Tensor:
+    """A reset point uniform over {1, ..., L - 1} for each length L; 0 (no reset) where L < 2."""
+    k = 1 + (torch.rand(len(lengths)) * (lengths.cpu() - 1)).floor().long()
+    return torch.where(lengths.cpu() >= 2, k, 0)
+
+
+def dataset_prefixes(rows: list[dict], args: Args) -> list[list[int]]:
+    """Each prompt's prefix: y*[:h] with h = reset_points(len(y*)) with probability reset_prob, else none."""
+    h = reset_points(torch.tensor([len(r["reference_ids"]) for r in rows]))
+    h = torch.where(torch.rand(len(rows)) < args.reset_prob, h, 0)
+    return [r["reference_ids"][:k] for r, k in zip(rows, h.tolist())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models, rollout, advantages, update
+# ----------------------------------------------------------------------------------------------------------------
+class PolicyAndValue(torch.nn.Module):
+    """The policy and the value model as one module, so that one DDP wrapper synchronises both models' gradients."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, query, query_mask, response, response_mask, temperature: float) -> tuple:
+        """(logits / T predicting each response token [B, R, V], V(s_t) before each response token [B, R])."""
+        logits = common.response_logits(self.policy, query, query_mask, response, response_mask, temperature)
+        values = common.scalar_head(self.value, torch.cat([query, response], 1),
+                                    torch.cat([query_mask, response_mask], 1))
+        return logits, values[:, query.shape[1] - 1:-1].float()
+
+
+def load_value_model(args: Args, device: torch.device) -> torch.nn.Module:
+    """The value model: the reward model if there is one, else the policy's transformer with a zero score head."""
+    value = common.load_model(args.reward_model or args.model, device, cls=AutoModelForSequenceClassification,
+                              num_labels=1)
+    if args.reward_model is None:
+        torch.nn.init.zeros_(value.score.weight)
+    return value
+
+
+@torch.no_grad()
+def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, device, dtype) -> dict:
+    """One episode per prompt: pi_t's response, its pi_t and pi_ref log-probs per token, V(s_t), and the score.
+
+    An episode starts at the prompt followed by a prefix of context tokens (no loss, KL or advantage on them; the
+    score reads prefix + response). In DR-PO the prefix is a prefix of the dataset's response y*."""
+    model = common.unwrap(model)
+    with common.autocast(device, dtype):
+        prefixes = dataset_prefixes(rows, args)  # the reset
+        query, query_mask = common.left_pad([r["input_ids"] + p for r, p in zip(rows, prefixes)],
+                                            tokenizer.pad_token_id, device)
+        responses = common.generate(model.policy, tokenizer, query, query_mask, args.max_new_tokens,
+                                    args.temperature)
+        mask = common.eos_mask(responses, tokenizer.eos_token_id)
+        logp_old, values = [], []
+        for i in range(0, len(query), args.micro_batch_size):
+            s = slice(i, i + args.micro_batch_size)
+            logits, v = model(query[s], query_mask[s], responses[s], mask[s], args.temperature)
+            logp_old.append(common.token_logprobs(logits, responses[s], mask[s]))
+            values.append(v * mask[s])
+        logp_ref = common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
+                                           args.micro_batch_size)
+    texts = tokenizer.batch_decode([p + r for p, r in zip(prefixes, responses.tolist())], skip_special_tokens=True)
+    ended = common.has_eos(responses, tokenizer.eos_token_id)
+    scores = score([r["prompt"] for r in rows], [r["prompt_text"] for r in rows], texts)
+    if args.eos_penalty is not None:
+        scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)
+    return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=torch.cat(logp_old),
+                logp_ref=logp_ref, values=torch.cat(values), scores=scores, ended=ended.float(),
+                prefix_length=torch.tensor([len(p) for p in prefixes], device=device).float())
+
+
+def advantages_and_returns(batch: dict, args: Args) -> dict:
+    """Per-token rewards (KL penalty on every response token, score added at the last), GAE, returns, and the
+    advantages whitened over the global batch's response tokens."""
+    mask = batch["mask"].float()
+    rewards = -args.kl_coef * (batch["logp_old"] - batch["logp_ref"]) * mask
+    last = batch["mask"].sum(1) - 1  # the EOS, or the last token when there is none
+    rewards[torch.arange(len(rewards)), last] += batch["scores"]
+    if args.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages = gae(rewards, batch["values"], mask, args.gamma, args.lam)
+    returns = advantages + batch["values"] * mask
+    return dict(rewards=rewards, advantages=masked_whiten(advantages, mask), returns=returns)
+
+
+def update(model, optimizer, scheduler, batch: dict, args: Args, device, dtype) -> dict:
+    """PPO epochs over this rank's episodes, in minibatches of micro-batches.
+
+    The losses are sums over response tokens divided by the response tokens of the whole minibatch over all ranks
+    (times the number of ranks, which DDP's gradient average divides out), so any split into processes and
+    micro-batches gives the same gradient as one process on the global minibatch."""
+    b = len(batch["scores"])
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ratio")}
+    for _ in range(args.num_ppo_epochs):
+        order = torch.randperm(b, device=device)
+        for start in range(0, b, minibatch):
+            tokens = global_sum(batch["mask"][order[start:start + minibatch]].sum().float())
+            for step, micro_start in enumerate(range(start, start + minibatch, micro)):
+                i = order[micro_start:micro_start + micro]
+                mask = batch["mask"][i].float()
+                with common.no_sync_unless(model, step == args.grad_accum_steps - 1), \
+                        common.autocast(device, dtype):
+                    logits, values = model(batch["query"][i], batch["query_mask"][i], batch["responses"][i],
+                                           batch["mask"][i], args.temperature)
+                    logp = common.token_logprobs(logits, batch["responses"][i], batch["mask"][i])
+                    pg, pg_clipped = policy_loss(logp, batch["logp_old"][i], batch["advantages"][i], args.cliprange)
+                    vf, vf_clipped = value_loss(values, batch["values"][i], batch["returns"][i],
+                                                args.cliprange_value)
+                    loss = ((pg + args.vf_coef * vf) * mask).sum() * world / tokens
+                    loss.backward()
+                with torch.no_grad():
+                    log_ratio = logp - batch["logp_old"][i]
+                    for key, value in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", pg_clipped.float()),
+                                       ("vf_clipfrac", vf_clipped.float()), ("approx_kl", 0.5 * log_ratio ** 2),
+                                       ("entropy", entropy(logits)), ("ratio", log_ratio.exp())):
+                        stats[key].append(masked_mean(value, mask))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {k: torch.stack(v).mean() for k, v in stats.items()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the response tokens: 1 is a perfect value model."""
+    mask = mask.float()
+
+    def var(x):
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+    return 1 - var(returns - values) / var(returns).clamp(min=1e-8)
+
+
+def make_scheduler(optimizer, args: Args):
+    """Linear or cosine decay of the learning rate to 0 over all optimizer steps."""
+    total_steps = args.num_iterations * args.num_ppo_epochs * args.num_minibatches
+    if args.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+
+
+def main(args: Args):
+    rank, world_size, device = common.setup_distributed()
+    check_args(args, world_size)
+    common.seed_everything(args.seed, rank)
+    dtype = common.parse_dtype(args.dtype, device)
+
+    # Data first: a missing column or an empty split stops us before any model is loaded.
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts)
+    common.check_columns(train_rows, args.dataset, need_reference=True)
+    score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
+    tokenizer = common.load_tokenizer(args.model)
+    train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
+    eval_rows = common.shard(common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length))
+
+    # fp32 master weights for the trained models; autocast runs them in `dtype`
+    model = PolicyAndValue(common.load_model(args.model, device), load_value_model(args, device))
+    model = common.wrap_ddp(model, device)
+    reference = common.freeze(common.load_model(args.model, device, dtype))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    scheduler = make_scheduler(optimizer, args)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+
+    def evaluate():  # always from the bare prompt
+        with common.autocast(device, dtype):
+            return common.evaluate(common.unwrap(model).policy, tokenizer, eval_rows, score, args.max_new_tokens,
+                                   args.eval_temperature, args.micro_batch_size, device)
+
+    before = evaluate()
+    common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc="drpo"):
+        # 1. Reset to x + a prefix of y*; pi_t writes the rest; score it; log-probs and values per token.
+        batch = rollout(model, reference, tokenizer, next(batches), score, args, device, dtype)
+        # 2. Per-token rewards, GAE, returns; whiten the advantages over the global batch.
+        batch |= advantages_and_returns(batch, args)
+        # 3. PPO epochs of clipped policy and value losses over minibatches.
+        stats = update(model, optimizer, scheduler, batch, args, device, dtype)
+        # 4. Log the mean over all processes.
+        metrics = {"score": batch["scores"].mean(), "kl": (batch["logp_old"] - batch["logp_ref"]).sum(1).mean(),
+                   "eos_fraction": batch["ended"].mean(), "length": batch["mask"].sum(1).float().mean(),
+                   "explained_variance": explained_variance(batch["values"], batch["returns"], batch["mask"]),
+                   "reset_fraction": (batch["prefix_length"] > 0).float().mean(),
+                   "prefix_length": batch["prefix_length"].mean(), **stats}
+        values = common.all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float()
+                                                     for v in metrics.values()]))
+        log({**dict(zip(metrics, values.tolist())), "lr": scheduler.get_last_lr()[0]}, iteration)
+
+    after = evaluate()
+    common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")
+    log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
+        args.num_iterations)
+    common.save_model(common.unwrap(model).policy, tokenizer, args.output_dir)
+    common.print0(f"saved the policy to {args.output_dir}")
+    common.clean_exit()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
