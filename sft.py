@@ -1,0 +1,191 @@
+"""SFT: supervised fine-tuning on demonstrations, step 1 of the RLHF pipeline (SFT -> reward model -> RL).
+
+Maximum likelihood of the demonstrated response y given the prompt x, prompt tokens masked out:
+
+    min_theta  E_{(x, y)~D} [ - sum_t ln pi_theta(y_t | x, y_<t) ] / (number of response tokens)
+
+The sequences are exactly those the RL scripts see: the prompt rendered as common.tokenize_prompts renders it (chat
+template with the generation prompt for conversations) followed by the response tokens and EOS, so the SFT model
+learns to end its answers where the RL scripts cut them. Labels are -100 on the prompt and on padding (`sft_batch`);
+the loss is the mean next-token cross-entropy over the response tokens (`sft_loss`). Saves an HF folder that every
+RL script takes as --model.
+
+    python sft.py                                           # the embedded arithmetic task, offline on CPU
+    torchrun --nproc_per_node 8 sft.py --model EleutherAI/pythia-1b-deduped --dataset trl-lib/tldr ...
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """model to fine-tune (hub id or local folder)"""
+    dataset: str = common.ARITHMETIC
+    """hub id, local folder or .json/.jsonl/.csv/.parquet file: prompt/completion (or messages, or prompt/chosen),
+    plain or conversational; 'arithmetic' is the embedded task"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """split to evaluate on (if missing, the last rows of the train split are held out)"""
+    num_eval_prompts: int = 150
+    """number of held-out rows for the eval loss and the eval score"""
+    output_dir: str = "runs/sft"
+    """where the fine-tuned model (an HF folder) and metrics.jsonl are written"""
+    seed: int = 1
+    """random seed"""
+    num_epochs: float = 0.1
+    """passes over the training rows (fractions allowed); paper (TL;DR): 1"""
+    batch_size: int = 16
+    """sequences per optimizer step over all processes"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step (lowers memory, same result up to the per-micro-batch token mean)"""
+    lr: float = 1e-5
+    """AdamW learning rate, decayed linearly to 0"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    max_prompt_length: int = 512
+    """prompts are left-truncated to this many tokens (as in the RL scripts)"""
+    max_response_length: int = 64
+    """responses (EOS included) are cut to this many tokens; paper (TL;DR): 53"""
+    reward_model: str | None = None
+    """reward model used to score greedy responses before and after training; if unset, --reward-fn"""
+    reward_fn: str | None = "common:arithmetic_reward"
+    """reward function `module:function` for the eval score; None: report only the eval loss"""
+    max_new_tokens: int = 16
+    """response length when sampling for the eval score"""
+    eval_temperature: float = 0.0
+    """sampling temperature for the eval score; 0 is greedy"""
+    log_every: int = 5
+    """log the training loss every this many optimizer steps"""
+    micro_batch_size: int = 32
+    """sequences per forward pass when evaluating"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """autocast precision (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also log metrics to tensorboard or wandb (must be installed)"""
+
+
+def check_args(args: Args, world_size: int):
+    """Reject bad flags with one clear line, before anything is loaded."""
+    for flag in ("num_epochs", "grad_accum_steps", "max_prompt_length", "max_response_length", "num_eval_prompts",
+                 "max_new_tokens", "log_every", "micro_batch_size"):
+        if getattr(args, flag) <= 0:
+            common.fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.batch_size <= 0 or args.batch_size % (world_size * args.grad_accum_steps):
+        common.fail(f"--batch-size {args.batch_size} must be a positive multiple of processes ({world_size}) x "
+                    f"--grad-accum-steps ({args.grad_accum_steps})")
+    common.check_report_to(args.report_to)
+
+
+def sft_batch(rows: list[dict], pad_id: int, max_response_length: int, device=None) -> dict:
+    """Right-padded prompt + response ids, attention mask, and labels that are -100 on prompt tokens and padding
+    (the response tokens, EOS included, keep their ids). Rows come from common.tokenize_prompts."""
+    sequences = [r["input_ids"] + r["reference_ids"][:max_response_length] for r in rows]
+    width = max(len(s) for s in sequences)
+    input_ids = common.right_pad(sequences, width, pad_id, device)
+    attention_mask = common.right_pad([[1] * len(s) for s in sequences], width, 0, device)
+    labels = common.right_pad([[-100] * len(r["input_ids"]) + s[len(r["input_ids"]):] for r, s in
+                               zip(rows, sequences)], width, -100, device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not -100: logits[:, t] predicts
+    labels[:, t + 1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def forward_loss(model, batch: dict) -> torch.Tensor:
+    """The SFT loss of one batch from `sft_batch`."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return sft_loss(logits, batch["labels"])
+
+
+@torch.no_grad()
+def eval_loss(model, rows, tokenizer, args: Args, device, dtype) -> float:
+    """Token-weighted mean SFT loss over the held-out rows (this rank's share, averaged over ranks)."""
+    total = torch.zeros(2, device=device)
+    for i in range(0, len(rows), args.micro_batch_size):
+        batch = sft_batch([rows[j] for j in range(i, min(i + args.micro_batch_size, len(rows)))],
+                          tokenizer.pad_token_id, args.max_response_length, device)
+        with common.autocast(device, dtype):
+            loss = forward_loss(model, batch)
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        total += torch.stack([loss.float() * tokens, tokens.float()])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def main(args: Args):
+    rank, world_size, device = common.setup_distributed()
+    check_args(args, world_size)
+    common.seed_everything(args.seed, rank)
+    dtype = common.parse_dtype(args.dtype, device)
+
+    # Data first: a missing column or an empty split stops us before any model is loaded.
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts)
+    common.check_columns(train_rows, args.dataset, need_reference=True)
+    tokenizer = common.load_tokenizer(args.model)
+    train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
+    eval_rows = common.shard(common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length))
+    score = None
+    if args.reward_model is not None or args.reward_fn is not None:
+        score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
+
+    model = common.wrap_ddp(common.load_model(args.model, device), device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / num_steps)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+
+    def evaluate() -> dict:
+        metrics = {"loss": eval_loss(model, eval_rows, tokenizer, args, device, dtype)}
+        if score is not None:
+            with common.autocast(device, dtype):
+                metrics |= common.evaluate(model, tokenizer, eval_rows, score, args.max_new_tokens,
+                                           args.eval_temperature, args.micro_batch_size, device)
+        return metrics
+
+    before = evaluate()
+    common.print0("before training: eval " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
+    micro = args.batch_size // world_size // args.grad_accum_steps
+    losses = []
+    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc="sft"):
+        rows = next(batches)
+        for k in range(args.grad_accum_steps):
+            batch = sft_batch(rows[k * micro:(k + 1) * micro], tokenizer.pad_token_id, args.max_response_length,
+                              device)
+            with common.no_sync_unless(model, k == args.grad_accum_steps - 1), common.autocast(device, dtype):
+                loss = forward_loss(model, batch)
+                (loss / args.grad_accum_steps).backward()
+            losses.append(loss.detach())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.log_every == 0 or step == num_steps:
+            log({"loss": common.all_reduce_mean(torch.stack(losses).mean()).item(),
+                 "lr": scheduler.get_last_lr()[0]}, step)
+            losses = []
+
+    after = evaluate()
+    common.print0("after training:  eval " + "  ".join(f"{k} {v:.4g}" for k, v in after.items()))
+    log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
+        num_steps)
+    common.save_model(model, tokenizer, args.output_dir)
+    common.print0(f"saved the model to {args.output_dir}")
+    common.clean_exit()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
