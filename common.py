@@ -325,7 +325,9 @@ def load_splits(name: str, train_split: str, eval_split: str, num_eval: int) -> 
         path, kwargs = _source(name)
         try:
             data = load_dataset(path, **kwargs)
-        except Exception as e:  # a missing hub id or an unreadable file
+        except Exception as e:  # a missing hub id, an unreadable file, or a file without rows
+            if "corresponds to no data" in str(e):
+                fail(f"--dataset {name}: split {train_split} has no rows")
             fail(f"--dataset {name}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     if train_split not in data:
         fail(f"--train-split {train_split}: dataset {name} has splits {list(data)}")
@@ -334,7 +336,7 @@ def load_splits(name: str, train_split: str, eval_split: str, num_eval: int) -> 
         evaluation = data[eval_split].select(range(min(num_eval, len(data[eval_split]))))
     else:
         n = min(num_eval, len(train) // 10)
-        evaluation, train = train.select(range(len(train) - n, len(train))), train.select(range(len(train) - n))
+        evaluation, train = train.select(list(range(len(train) - n, len(train)))), train.select(range(len(train) - n))
     if len(train) == 0:
         fail(f"--dataset {name}: split {train_split} has no rows")
     return train, evaluation

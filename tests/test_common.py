@@ -1,0 +1,232 @@
+"""Unit tests of common.py's helpers, on tiny models loaded through from_pretrained."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import common
+
+CPU = torch.device("cpu")
+
+
+def hand_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> list[float]:
+    """Per-token log-probs the slow way: one unpadded forward per token position."""
+    out = []
+    for t in range(len(response)):
+        ids = torch.tensor([prompt + response[:t]])
+        logits = model(input_ids=ids).logits[0, -1].double() / temperature
+        out.append((logits.log_softmax(-1)[response[t]]).item())
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_logprobs_match_hand_computation_and_ignore_padding(fixture, request):
+    path = request.getfixturevalue(fixture)
+    model, tokenizer = common.load_model(path, CPU), common.load_tokenizer(path)
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer("What is 1 + 2?")["input_ids"], tokenizer("Hi")["input_ids"]]
+    responses = [tokenizer("3")["input_ids"] + [eos], tokenizer("hello")["input_ids"] + [eos]]
+    query, query_mask = common.left_pad(prompts, tokenizer.pad_token_id)
+    response = common.right_pad(responses, 8, tokenizer.pad_token_id)
+    mask = common.eos_mask(response, eos)
+    with torch.no_grad():
+        got = common.response_logprobs(model, query, query_mask, response, mask, temperature=0.7)
+    for i in range(2):
+        expected = hand_logprobs(model, prompts[i], responses[i], 0.7)
+        assert got[i, :len(expected)].tolist() == pytest.approx(expected, abs=1e-4)
+        assert got[i, len(expected):].abs().sum() == 0  # padding after EOS counts zero
+    # The same rows as right-padded prompt+response sequences (no position ids needed) give the same log-probs.
+    full = [p + r for p, r in zip(prompts, responses)]
+    ids = common.right_pad(full, max(map(len, full)), tokenizer.pad_token_id)
+    attention = (torch.arange(ids.shape[1])[None] < torch.tensor([len(f) for f in full])[:, None]).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits / 0.7
+    for i in range(2):
+        n = len(prompts[i])
+        right = common.token_logprobs(logits[i:i + 1, n - 1:n - 1 + len(responses[i])],
+                                      torch.tensor([responses[i]]), torch.ones(1, len(responses[i])))
+        assert torch.allclose(right[0], got[i, :len(responses[i])], atol=1e-5)
+
+
+def test_eos_cut_mask_and_penalty():
+    eos, pad = 3, 0
+    responses = torch.tensor([[5, 6, 3, 7, 3], [5, 6, 7, 8, 9], [3, 4, 4, 4, 4]])
+    assert common.eos_mask(responses, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert common.cut_after_eos(responses, eos, pad).tolist() == [[5, 6, 3, 0, 0], [5, 6, 7, 8, 9], [3, 0, 0, 0, 0]]
+    ended = common.has_eos(responses, eos)
+    assert ended.tolist() == [True, False, True]
+    scores = common.apply_eos_penalty(torch.tensor([0.5, 2.0, -0.3]), ended, -1.0)
+    assert scores.tolist() == pytest.approx([0.5, -1.0, -0.3])
+    # When pad id == EOS id, padding after the first EOS must not extend the mask.
+    same = torch.tensor([[5, 3, 3, 3]])
+    assert common.eos_mask(same, 3).tolist() == [[1, 1, 0, 0]]
+
+
+def test_generate_samples_softmax_over_temperature_and_cuts_after_eos(tiny_llama):
+    model, tokenizer = common.load_model(tiny_llama, CPU), common.load_tokenizer(tiny_llama)
+    eos = tokenizer.eos_token_id
+    prompt = tokenizer("abc")["input_ids"]
+    query, query_mask = common.left_pad([prompt] * 400, tokenizer.pad_token_id)
+    with torch.no_grad():  # lift EOS 3 above the top logit after this prompt
+        hidden = model.model(input_ids=query[:1]).last_hidden_state[0, -1]
+        logits = model.lm_head(hidden)
+        model.lm_head.weight[eos] += (logits.max() - logits[eos] + 3) * hidden / hidden.dot(hidden)
+    with torch.no_grad():
+        p = (model(input_ids=query[:1]).logits[0, -1] / 0.7).softmax(-1)[eos].item()
+    torch.manual_seed(0)
+    first = common.generate(model, tokenizer, query, query_mask, max_new_tokens=1, temperature=0.7)[:, 0]
+    frequency = (first == eos).float().mean().item()
+    assert 0.05 < p < 0.95
+    assert abs(frequency - p) < 4 * (p * (1 - p) / 400) ** 0.5  # sampled exactly from softmax(logits / T)
+    responses = common.generate(model, tokenizer, query[:32], query_mask[:32], max_new_tokens=12, temperature=0.7)
+    assert responses.shape == (32, 12)
+    assert common.has_eos(responses, eos).any()
+    after = common.eos_mask(responses, eos) == 0
+    assert after.any() and (responses[after] == tokenizer.pad_token_id).all()
+    greedy = common.generate(model, tokenizer, query[:4], query_mask[:4], max_new_tokens=12, temperature=0.0)
+    assert (greedy == greedy[0]).all()  # greedy decoding is deterministic
+
+
+def test_load_model_disables_dropout_and_loads_reward_model(tmp_path, tiny_llama):
+    config = json.load(open(f"{tiny_llama}/config.json"))
+    config["attention_dropout"] = 0.5
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path)
+    common.load_tokenizer(tiny_llama).save_pretrained(tmp_path)
+    loaded = common.load_model(str(tmp_path), CPU)
+    assert loaded.config.attention_dropout == 0.0
+    assert not loaded.training
+    value = common.load_model(str(tmp_path), CPU, cls=AutoModelForSequenceClassification, num_labels=1)
+    assert value.score.out_features == 1
+
+
+def test_reward_model_reads_last_real_token_when_pad_is_eos(tiny_reward_model):
+    model = common.load_model(tiny_reward_model, CPU, cls=AutoModelForSequenceClassification)
+    tokenizer = common.load_tokenizer(tiny_reward_model)
+    tokenizer.padding_side = "right"
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    texts = ["short<|im_end|>", "a longer text here<|im_end|>"]
+    scores = common.reward_model_scores(model, tokenizer, texts)
+    for text, score in zip(texts, scores):  # each scored alone, unpadded: the score is at the final token (EOS)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            alone = common.scalar_head(model, ids, torch.ones_like(ids))[0, -1]
+        assert score.item() == pytest.approx(alone.item(), abs=1e-5)
+    assert common.last_token_index(torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])).tolist() == [1, 3]
+
+
+def test_reward_fn_from_module_and_file(tmp_path):
+    f = common.load_reward_fn("common:arithmetic_reward")
+    assert f(["What is 3 * 4? Answer with just the number."] * 2, ["It is 12.", "13"]) == [1.0, 0.0]
+    path = tmp_path / "my_reward.py"
+    path.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    assert common.load_reward_fn(f"{path}:length")(["p"], ["abc"]) == [3.0]
+    with pytest.raises(SystemExit, match="--reward-fn common:nope"):
+        common.load_reward_fn("common:nope")
+
+
+def test_arithmetic_task_is_held_out_and_scored():
+    data = common.arithmetic_dataset(num_train=600, num_test=150)
+    train = {row["prompt"][0]["content"] for row in data["train"]}
+    test = [row["prompt"][0]["content"] for row in data["test"]]
+    assert len(test) == 150 and not train & set(test)
+    kinds = [sum(("*" in q) for q in test), sum(("+" in q and int(q.split()[2]) >= 10) for q in test)]
+    assert kinds == [50, 50]
+    row = data["test"][0]
+    answer = row["completion"][0]["content"]
+    assert common.arithmetic_reward([row["prompt"][0]["content"]] * 3, [answer, f"So: {answer}", "0.5"]) == \
+        [1.0, 1.0, float(answer == "5")]
+    assert common.last_number("1,234 apples") == 1234 and common.last_number("none") is None
+
+
+@pytest.mark.parametrize("row, prompt, reference", [
+    ({"prompt": "Q?", "completion": " A"}, "Q?", " A"),
+    ({"prompt": "Q?", "chosen": " good", "rejected": " bad"}, "Q?", " good"),
+    ({"prompt": [{"role": "user", "content": "Q?"}], "completion": [{"role": "assistant", "content": "A"}]},
+     [{"role": "user", "content": "Q?"}], "A"),
+    ({"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "good"}],
+      "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "bad"}]},
+     [{"role": "user", "content": "Q?"}], "good"),
+    ({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}]},
+     [{"role": "user", "content": "Q?"}], "A"),
+    ({"prompt": "Q?"}, "Q?", None),
+])
+def test_trl_formats(row, prompt, reference):
+    assert common.split_prompt(row) == (prompt, reference)
+
+
+def test_tokenize_prompts_applies_chat_template(tiny_tokenizer):
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": "Hi"}],
+                               "completion": [{"role": "assistant", "content": "yo"}]}])
+    row = common.tokenize_prompts(data, tiny_tokenizer, max_prompt_length=512)[0]
+    assert row["prompt_text"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tiny_tokenizer.decode(row["input_ids"]) == row["prompt_text"]
+    assert row["reference_ids"] == tiny_tokenizer("yo")["input_ids"] + [tiny_tokenizer.eos_token_id]
+    short = common.tokenize_prompts(data, tiny_tokenizer, max_prompt_length=5)[0]
+    assert short["input_ids"] == row["input_ids"][-5:]  # left truncation keeps the generation prompt
+
+
+def test_missing_column_and_empty_split_fail_with_one_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "hello"}\n')
+    train, _ = common.load_splits(str(path), "train", "test", 10)
+    with pytest.raises(SystemExit) as e:
+        common.check_columns(train, str(path))
+    assert "needs a 'prompt', 'messages' or 'chosen' column" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="needs a 'completion' or 'chosen' column"):
+        common.check_columns(Dataset.from_list([{"prompt": "x"}]), "d", need_reference=True)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("prompt\n")
+    with pytest.raises(SystemExit, match="has no rows"):
+        common.load_splits(str(empty), "train", "test", 10)
+    with pytest.raises(SystemExit, match="--train-split nope"):
+        common.load_splits(str(path), "nope", "test", 10)
+
+
+def test_prompt_batches_cover_the_same_global_batch_for_any_world_size(monkeypatch):
+    data = Dataset.from_list([{"i": i} for i in range(20)])
+    single = next(common.prompt_batches(data, 8, seed=3))
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(common.dist, "get_rank", lambda r=rank: r)
+        monkeypatch.setattr(common.dist, "get_world_size", lambda: 2)
+        shares.append(next(common.prompt_batches(data, 8, seed=3)))
+    assert len(shares[0]) == len(shares[1]) == 4
+    assert sorted(r["i"] for r in shares[0] + shares[1]) == sorted(r["i"] for r in single)
+    monkeypatch.undo()
+    batches = common.prompt_batches(data, 8, seed=3)
+    epoch = [r["i"] for _ in range(2) for r in next(batches)]
+    assert len(set(epoch)) == 16  # no repeats within an epoch
+
+
+def test_save_model_round_trips(tmp_path, tiny_llama):
+    model, tokenizer = common.load_model(tiny_llama, CPU), common.load_tokenizer(tiny_llama)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    common.save_model(model, tokenizer, str(tmp_path / "out"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("tmp")) == []
+
+
+def test_evaluate_scores_greedy_responses_from_bare_prompts(tiny_llama, tmp_path):
+    model, tokenizer = common.load_model(tiny_llama, CPU), common.load_tokenizer(tiny_llama)
+    data = common.tokenize_prompts(common.arithmetic_dataset(num_train=3, num_test=9)["test"], tokenizer, 512)
+    seen = []
+
+    def score(prompts, prompt_texts, responses):
+        seen.extend(prompt_texts)
+        return torch.tensor([float(len(r)) for r in responses])
+
+    result = common.evaluate(model, tokenizer, data, score, max_new_tokens=6, temperature=0.0, batch_size=4,
+                             device=CPU)
+    assert seen == data["prompt_text"]
+    query, mask = common.left_pad(data["input_ids"], tokenizer.pad_token_id)
+    responses = common.generate(model, tokenizer, query, mask, 6, 0.0)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    assert result["score"] == pytest.approx(sum(map(len, texts)) / 9)
