@@ -48,7 +48,7 @@ class Args:
     """sequences per optimizer step over all processes"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step (lowers memory, same result up to the per-micro-batch token mean)"""
-    lr: float = 1e-5
+    lr: float = 3e-5
     """AdamW learning rate, decayed linearly to 0"""
     adam_eps: float = 1e-8
     """AdamW epsilon"""

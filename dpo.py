@@ -1,0 +1,230 @@
+"""DPO: Direct Preference Optimization (Rafailov et al., 2023), the offline baseline the RL scripts compare against.
+
+The KL-regularised RLHF objective max_pi E[r(x, y)] - beta KL(pi || pi_ref) has the closed-form optimum
+pi*(y|x) ∝ pi_ref(y|x) exp(r(x, y) / beta), so r(x, y) = beta ln pi*(y|x)/pi_ref(y|x) + beta ln Z(x). Put into the
+Bradley-Terry likelihood of the preference pairs, Z(x) cancels and the policy is fitted directly, with no reward
+model and no sampling:
+
+    min_theta  E_{(x, y_w, y_l)~D} [ - ln sigmoid( beta [ (ln pi_theta(y_w|x) - ln pi_ref(y_w|x))
+                                                        - (ln pi_theta(y_l|x) - ln pi_ref(y_l|x)) ] ) ]   (`dpo_loss`)
+
+Log-probs are sequence sums over the response tokens (EOS included) at temperature 1. The sequences are exactly
+those the RL scripts see: the prompt as common.tokenize_prompts renders it, then the response tokens and EOS.
+Reference log-probs are computed on the fly by a frozen copy of the starting model (one extra forward without
+gradient per batch: no precomputation pass, no stored table, at the cost of keeping pi_ref in memory).
+
+    python dpo.py --model runs/sft                          # the embedded arithmetic preferences, offline on CPU
+    torchrun --nproc_per_node 8 dpo.py --model runs/sft --dataset trl-lib/tldr-preference ...
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """policy to train (hub id or folder; usually the SFT model); it is also pi_ref, the frozen reference"""
+    dataset: str = common.ARITHMETIC_PREFERENCES
+    """hub id, local folder or .json/.jsonl/.csv/.parquet file with prompt/chosen/rejected (or chosen/rejected with
+    an implicit prompt), plain or conversational; 'arithmetic-preferences' is the embedded task"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """split to evaluate on (if missing, the last rows of train are held out)"""
+    num_eval_pairs: int = 150
+    """number of held-out pairs (their prompts are also the eval prompts of the eval score)"""
+    output_dir: str = "runs/dpo"
+    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    seed: int = 1
+    """random seed"""
+    beta: float = 0.1
+    """beta: strength of the implicit KL to pi_ref (DPO paper: 0.1; TL;DR: 0.5)"""
+    num_epochs: float = 0.1
+    """passes over the training pairs (fractions allowed); paper: 1"""
+    batch_size: int = 16
+    """pairs per optimizer step over all processes; paper: 64"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step (lowers memory, same result)"""
+    lr: float = 1e-5
+    """AdamW learning rate, decayed linearly to 0; paper: 1e-6"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    max_prompt_length: int = 512
+    """prompts are left-truncated to this many tokens (as in the RL scripts)"""
+    max_response_length: int = 64
+    """responses (EOS included) are cut to this many tokens"""
+    reward_model: str | None = None
+    """reward model used to score greedy responses before and after training; if unset, --reward-fn"""
+    reward_fn: str | None = "common:arithmetic_reward"
+    """reward function `module:function` for the eval score; None: report only the preference metrics"""
+    max_new_tokens: int = 16
+    """response length when sampling for the eval score"""
+    eval_temperature: float = 0.0
+    """sampling temperature for the eval score; 0 is greedy"""
+    log_every: int = 5
+    """log training metrics every this many optimizer steps"""
+    micro_batch_size: int = 32
+    """sequences per forward pass when evaluating"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """precision of the frozen reference and of autocast for the policy (auto: bfloat16 on GPU, float32 on CPU)"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also log metrics to tensorboard or wandb (must be installed)"""
+
+
+def check_args(args: Args, world_size: int):
+    """Reject bad flags with one clear line, before anything is loaded."""
+    for flag in ("num_epochs", "grad_accum_steps", "num_eval_pairs", "max_prompt_length", "max_response_length",
+                 "max_new_tokens", "log_every", "micro_batch_size"):
+        if getattr(args, flag) <= 0:
+            common.fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.batch_size <= 0 or args.batch_size % (world_size * args.grad_accum_steps):
+        common.fail(f"--batch-size {args.batch_size} must be a positive multiple of processes ({world_size}) x "
+                    f"--grad-accum-steps ({args.grad_accum_steps})")
+    if args.beta <= 0:
+        common.fail(f"--beta must be positive, got {args.beta}")
+    common.check_report_to(args.report_to)
+
+
+def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """The DPO loss, mean over pairs; log-probs are sequence sums:
+
+        - ln sigmoid( beta * ( [ln pi(y_w) - ln pi_ref(y_w)] - [ln pi(y_l) - ln pi_ref(y_l)] ) )
+    """
+    return -F.logsigmoid(beta * ((logp_chosen - ref_chosen) - (logp_rejected - ref_rejected))).mean()
+
+
+def tokenize_pairs(data, tokenizer, max_prompt_length: int, max_response_length: int):
+    """Preference rows -> prompt ids as common.tokenize_prompts makes them, and chosen/rejected response ids
+    (content tokens + EOS, as the RL scripts cut a sampled response), cut to max_response_length."""
+
+    def encode(row):
+        prompt, chosen, rejected = common.split_preference(row)
+        text = common.render_prompt(prompt, tokenizer)
+        ids = tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"][-max_prompt_length:]
+
+        def response(content):
+            return (tokenizer(content, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[
+                :max_response_length]
+
+        return {"prompt": prompt, "prompt_text": text, "input_ids": ids, "chosen_ids": response(chosen),
+                "rejected_ids": response(rejected)}
+
+    return data.map(encode, remove_columns=data.column_names)
+
+
+def pair_batch(rows: list[dict], tokenizer, device) -> dict:
+    """Left-padded prompts (twice), right-padded responses (chosen rows first, then rejected) and response masks
+    (1 on each response's real tokens)."""
+    query, query_mask = common.left_pad([r["input_ids"] for r in rows] * 2, tokenizer.pad_token_id, device)
+    responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    width = max(len(s) for s in responses)
+    return {"query": query, "query_mask": query_mask,
+            "responses": common.right_pad(responses, width, tokenizer.pad_token_id, device),
+            "mask": common.right_pad([[1] * len(s) for s in responses], width, 0, device)}
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Sum of the response tokens' log-probs at temperature 1 (chosen rows first, then rejected)."""
+    return common.response_logprobs(model, batch["query"], batch["query_mask"], batch["responses"], batch["mask"],
+                                     1.0).sum(1)
+
+
+def pair_stats(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """[loss, accuracy, margin, chosen reward, rejected reward] of the implicit reward beta ln pi/pi_ref."""
+    b = len(logp) // 2
+    rewards = beta * (logp - logp_ref)
+    margin = rewards[:b] - rewards[b:]
+    loss = dpo_loss(logp[:b], logp[b:], logp_ref[:b], logp_ref[b:], beta)
+    return torch.stack([loss, (margin > 0).float().mean(), margin.mean(), rewards[:b].mean(), rewards[b:].mean()])
+
+
+STAT_NAMES = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
+
+
+def main(args: Args):
+    rank, world_size, device = common.setup_distributed()
+    check_args(args, world_size)
+    common.seed_everything(args.seed, rank)
+    dtype = common.parse_dtype(args.dtype, device)
+
+    # Data first: a missing column or an empty split stops us before any model is loaded.
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs)
+    common.check_preference_columns(train_rows, args.dataset)
+    tokenizer = common.load_tokenizer(args.model)
+    train_rows = tokenize_pairs(train_rows, tokenizer, args.max_prompt_length, args.max_response_length)
+    eval_rows = common.shard(tokenize_pairs(eval_rows, tokenizer, args.max_prompt_length, args.max_response_length))
+    score = None
+    if args.reward_model is not None or args.reward_fn is not None:
+        score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
+
+    policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
+    reference = common.freeze(common.load_model(args.model, device, dtype))
+    policy = common.wrap_ddp(policy, device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
+    num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / num_steps)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Held-out DPO loss and implicit-reward accuracy; the eval score of greedy responses."""
+        totals, n = torch.zeros(len(STAT_NAMES), device=device), 0
+        with common.autocast(device, dtype):
+            pairs = max(1, args.micro_batch_size // 2)  # two sequences per pair
+            for i in range(0, len(eval_rows), pairs):
+                rows = [eval_rows[j] for j in range(i, min(i + pairs, len(eval_rows)))]
+                batch = pair_batch(rows, tokenizer, device)
+                totals += pair_stats(sequence_logprobs(policy, batch), sequence_logprobs(reference, batch),
+                                     args.beta) * len(rows)
+                n += len(rows)
+            metrics = dict(zip(STAT_NAMES, common.all_reduce_mean(totals / max(n, 1)).tolist()))
+            if score is not None:
+                metrics |= common.evaluate(policy, tokenizer, eval_rows, score, args.max_new_tokens,
+                                           args.eval_temperature, args.micro_batch_size, device)
+        return metrics
+
+    before = evaluate()
+    common.print0("before training: eval " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
+    micro = args.batch_size // world_size // args.grad_accum_steps
+    stats = []
+    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc="dpo"):
+        rows = next(batches)
+        for k in range(args.grad_accum_steps):
+            batch = pair_batch(rows[k * micro:(k + 1) * micro], tokenizer, device)
+            with torch.no_grad(), common.autocast(device, dtype):
+                logp_ref = sequence_logprobs(reference, batch)
+            # chosen and rejected in one forward, so DDP sees one backward per forward
+            with common.no_sync_unless(policy, k == args.grad_accum_steps - 1), common.autocast(device, dtype):
+                logp = sequence_logprobs(policy, batch)
+                step_stats = pair_stats(logp, logp_ref, args.beta)
+                (step_stats[0] / args.grad_accum_steps).backward()
+            stats.append(step_stats.detach())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.log_every == 0 or step == num_steps:
+            values = common.all_reduce_mean(torch.stack(stats).mean(0)).tolist()
+            log(dict(zip(STAT_NAMES, values)) | {"lr": scheduler.get_last_lr()[0]}, step)
+            stats = []
+
+    after = evaluate()
+    common.print0("after training:  eval " + "  ".join(f"{k} {v:.4g}" for k, v in after.items()))
+    log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
+        num_steps)
+    common.save_model(policy, tokenizer, args.output_dir)
+    common.print0(f"saved the policy to {args.output_dir}")
+    common.clean_exit()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
