@@ -1,0 +1,468 @@
+"""REFUEL: REgressing the relative FUturE for muLti-turn RLHF (Gao et al., 2024).
+
+Multi-turn RLHF: the policy (the assistant) talks with a user simulator for up to H_max turns, and a reward judges
+the dialogue. An answer at turn h changes every later turn, so REFUEL treats the dialogue so far, up to the user's
+turn-h message, as the state s_h, the turn-h answer a as the action, and the reward R of the dialogue that pi_t and
+the user continue from there as a's (Monte-Carlo) future return. Text generation has deterministic transitions, so
+we can *reset* to s_h and answer it twice. REBEL's regression (see rebel.py) on the two answers a, a' to the same
+state then regresses the relative future:
+
+    pi_{t+1} = argmin_theta  E_{s_h, a, a'} ( [ ln pi_theta(a|s_h)/pi_t(a|s_h) - ln pi_theta(a'|s_h)/pi_t(a'|s_h) ]
+                                              - eta [ R(s_h, a, ...) - R(s_h, a', ...) ] )^2
+
+and the partition function of the mirror-descent step cancels as in REBEL. Only the turn-h answer's tokens are
+regressed (its end-of-turn token included), conditioned on s_h; nothing after turn h is in the input.
+
+Per iteration, for each first user message (a row of --dataset):
+  1. draw a horizon H uniformly from {1..H_max} and a turn h uniformly from {1..H};
+  2. roll in: pi_t and the user play turns 1..h-1 and the user asks turn h's question: the shared history s_h;
+  3. two futures: from s_h, pi_t answers twice (a, a') and each dialogue goes on with the user up to turn H;
+  4. score both dialogues (truncated at H): R, R'; a pair with identical answers a = a' carries no signal: dropped;
+  5. K passes of the regression over the pairs, in minibatches.
+Rolling in once and branching twice is the paper's "roll out tau to H, reset it at turn h, roll out tau'": tau is
+the roll-in followed by the first future. Doing it this way plays both futures in one batch.
+
+The user simulator is one interface, `user(conversations) -> next user messages`, with two kinds: an LLM user
+(--user-model, any chat model, shown the conversation and asked for the user's next message) and a rule user
+(--user-fn module:function). The embedded default is the arithmetic task continued over turns: the rule user asks
+follow-ups that build on the assistant's last answer ("Now add 4 to that."), and the reward is whether the answer at
+turn H is right, so an early mistake costs every later turn.
+
+    python refuel.py                                       # embedded multi-turn arithmetic, offline on CPU
+    torchrun --nproc_per_node 8 refuel.py --model ... --user-model ... --reward-model ... --dataset ...
+"""
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification
+
+import common
+
+USER_PROMPT = ("Below is a conversation between a user and an AI assistant.\n\n{conversation}\n\n"
+               "Pretend you are the user in this conversation. Write the user's next message: a follow-up question "
+               "that builds on the conversation. Reply with the message only.")
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """policy to train (hub id or local folder, a chat model: dialogues go through its chat template)"""
+    user_model: str | None = None
+    """LLM user: a chat model (hub id or folder) that writes the user's next message; if unset, --user-fn"""
+    user_fn: str = "refuel:arithmetic_user"
+    """rule user `module:function` or `file.py:function`, f(conversations) -> list of next user messages"""
+    user_prompt: str = USER_PROMPT
+    """instruction the LLM user reads; {conversation} is replaced by the dialogue as a 'User: ... Assistant: ...'
+    transcript"""
+    user_temperature: float = 0.8
+    """sampling temperature of the LLM user (0 is greedy); paper: 0.8"""
+    user_max_new_tokens: int = 64
+    """length limit of the LLM user's messages"""
+    user_device: str | None = None
+    """device of the LLM user (e.g. cuda:1); default: the policy's device"""
+    reward_model: str | None = None
+    """reward model over the whole dialogue (one-label AutoModelForSequenceClassification, read through its own chat
+    template); if unset, --reward-fn"""
+    reward_fn: str = "refuel:arithmetic_chain_reward"
+    """reward function `module:function` or `file.py:function`, f(conversations) -> list of floats; each
+    conversation ends with the assistant's turn-H answer"""
+    dataset: str = common.ARITHMETIC
+    """first user turns: hub id, local folder or .json/.jsonl/.csv/.parquet file with a 'prompt' (or 'messages')
+    column; 'arithmetic' is the embedded task"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str = "test"
+    """split to evaluate on (if missing, the last rows of the train split are held out)"""
+    num_eval_prompts: int = 48
+    """first user turns whose dialogues are evaluated at every turn before and after training"""
+    output_dir: str = "runs/refuel"
+    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    seed: int = 1
+    """random seed (each process adds its rank)"""
+    max_turns: int = 5
+    """H_max: the longest dialogue, in assistant turns; paper: 5"""
+    num_iterations: int = 8
+    """training iterations: play pairs of dialogues with pi_t, then regress on them"""
+    batch_size: int = 16
+    """first user turns (= pairs of dialogues) per iteration over all processes; paper: 128 pairs per step"""
+    num_passes: int = 2
+    """K: passes over each iteration's pairs"""
+    num_minibatches: int = 1
+    """optimizer steps per pass (the pairs are split into this many minibatches)"""
+    grad_accum_steps: int = 1
+    """micro-batches per minibatch (lowers memory, same result)"""
+    lr: float = 1e-5
+    """AdamW learning rate, decayed linearly to 0; paper: 3e-7 (cosine, 10% warm-up)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    eta: float = 1.0
+    """eta: the reward scale of the regression target; paper: 1000 with raw reward-model scores"""
+    kl_coef: float = 0.0
+    """KL-to-reference penalty on the turn-h answer, subtracted from R; paper: 0 (no reference model is loaded)"""
+    temperature: float = 0.8
+    """policy sampling temperature for training (log-probs use the same temperature); paper: 0.8"""
+    eval_temperature: float = 0.0
+    """policy sampling temperature for evaluation; 0 is greedy"""
+    max_new_tokens: int = 16
+    """length limit of each assistant answer; answers are cut after their first EOS (end-of-turn)"""
+    max_prompt_length: int = 1024
+    """dialogue histories are left-truncated to this many tokens"""
+    eos_penalty: float | None = -1.0
+    """score of a dialogue in which an answer from turn h on has no EOS within max_new_tokens (None: no penalty)"""
+    micro_batch_size: int = 48
+    """sequences per forward pass when generating and computing log-probs without gradient"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """precision of the frozen models and of autocast for the policy (auto: bfloat16 on GPU, float32 on CPU)"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also log metrics to tensorboard or wandb (must be installed)"""
+
+
+def check_args(args: Args, world_size: int):
+    """Reject bad flag combinations with one clear line, before anything is loaded."""
+    for flag in ("max_turns", "num_iterations", "num_passes", "num_minibatches", "grad_accum_steps",
+                 "max_new_tokens", "user_max_new_tokens", "micro_batch_size", "num_eval_prompts",
+                 "max_prompt_length"):
+        if getattr(args, flag) <= 0:
+            common.fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    per_step = world_size * args.num_minibatches * args.grad_accum_steps
+    if args.batch_size <= 0 or args.batch_size % per_step:
+        common.fail(f"--batch-size {args.batch_size} must be a positive multiple of processes ({world_size}) x "
+                    f"--num-minibatches ({args.num_minibatches}) x --grad-accum-steps ({args.grad_accum_steps})")
+    if args.temperature <= 0:
+        common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
+    if args.eta <= 0:
+        common.fail(f"--eta must be positive, got {args.eta}")
+    if "{conversation}" not in args.user_prompt:
+        common.fail("--user-prompt must contain {conversation}")
+    common.check_report_to(args.report_to)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedded task: arithmetic over turns (rule user and reward)
+# ----------------------------------------------------------------------------------------------------------------
+FOLLOW_UPS = {r"Now add (\d+) to that\.": lambda value, k: value + k,
+              r"Now multiply that by (\d+)\.": lambda value, k: value * k}
+
+
+def arithmetic_user(conversations: list[list[dict]]) -> list[str]:
+    """Rule user of the embedded task: a follow-up on the assistant's last answer, "Now add k to that." (k in 1..9,
+    two times in three) or "Now multiply that by k." (k in 2, 3). Chosen by the first question and the turn, so
+    every evaluation asks the same follow-ups whatever the assistant answered."""
+    messages = []
+    for conversation in conversations:
+        users = [m["content"] for m in conversation if m["role"] == "user"]
+        rng = random.Random(f"{users[0]}|{len(users)}")
+        add = rng.random() < 2 / 3
+        messages.append(f"Now add {rng.randint(1, 9)} to that." if add else
+                        f"Now multiply that by {rng.choice([2, 3])}.")
+    return messages
+
+
+def arithmetic_chain(conversation: list[dict]) -> int | None:
+    """The right answer after the conversation's user turns: the first question, then each follow-up in order."""
+    users = [m["content"] for m in conversation if m["role"] == "user"]
+    value = common.arithmetic_answer(users[0]) if users else None
+    for message in users[1:]:
+        found = [(op, match) for pattern, op in FOLLOW_UPS.items() if (match := re.search(pattern, message))]
+        if value is None or not found:
+            return None
+        op, match = found[0]
+        value = op(value, int(match.group(1)))
+    return value
+
+
+def arithmetic_chain_reward(conversations: list[list[dict]]) -> list[float]:
+    """Reward of the embedded task: 1.0 if the last answer's last number is the right value of the whole chain."""
+    rewards = []
+    for conversation in conversations:
+        answer, truth = common.last_number(conversation[-1]["content"]), arithmetic_chain(conversation)
+        rewards.append(float(truth is not None and answer == truth))
+    return rewards
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dialogues: turns, the user simulator, the reward
+# ----------------------------------------------------------------------------------------------------------------
+def first_turn(row: dict) -> list[dict]:
+    """A dataset row's first user turn as a conversation: its prompt's messages up to the first user message (a
+    system message kept), or a plain-string prompt as one user message. Whole dialogues (a 'messages' or 'chosen'
+    column) give their opening question."""
+    prompt, _ = common.split_prompt(row)
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    first_user = next(i for i, m in enumerate(prompt) if m["role"] == "user")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt[:first_user + 1]]
+
+
+def moves(conversation: list[dict]) -> int:
+    """Messages played so far (system messages don't count): turn t's user message is move 2t-1, its answer 2t."""
+    return sum(m["role"] != "system" for m in conversation)
+
+
+def up_to_turn(conversation: list[dict], turn: int) -> list[dict]:
+    """The conversation truncated after the assistant's answer at `turn`."""
+    cut = [i for i, m in enumerate(conversation) if m["role"] == "assistant"][turn - 1]
+    return conversation[:cut + 1]
+
+
+def transcript(conversation: list[dict]) -> str:
+    """The dialogue as plain text, 'User: ...' and 'Assistant: ...' paragraphs."""
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in conversation if m["role"] != "system")
+
+
+def turn_query(tokenizer, conversation: list[dict], max_length: int) -> list[int]:
+    """Token ids of the conversation with the chat template's generation prompt: what the model answers."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
+
+
+@torch.no_grad()
+def sample_turns(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 micro_batch: int) -> list[list[int]]:
+    """One answer per prompt (token ids, cut after the first EOS, which they keep), in left-padded micro-batches."""
+    device = next(model.parameters()).device
+    answers = []
+    for i in range(0, len(prompts), micro_batch):
+        query, query_mask = common.left_pad(prompts[i:i + micro_batch], tokenizer.pad_token_id, device)
+        responses = common.generate(model, tokenizer, query, query_mask, max_new_tokens, temperature)
+        lengths = common.eos_mask(responses, tokenizer.eos_token_id).sum(1).tolist()
+        answers += [row[:n].tolist() for row, n in zip(responses, lengths)]
+    return answers
+
+
+class LLMUser:
+    """A chat model playing the user: it reads the dialogue as a transcript inside `prompt` and writes the user's
+    next message at its own temperature. Frozen; on `device` (which may be the policy's)."""
+
+    def __init__(self, name: str, device, dtype, prompt: str, temperature: float, max_new_tokens: int,
+                 max_length: int, micro_batch: int):
+        self.tokenizer = common.load_tokenizer(name)
+        self.model = common.freeze(common.load_model(name, torch.device(device), dtype))
+        self.prompt, self.temperature, self.max_new_tokens = prompt, temperature, max_new_tokens
+        self.max_length, self.micro_batch = max_length, micro_batch
+
+    def __call__(self, conversations: list[list[dict]]) -> list[str]:
+        asks = [[{"role": "user", "content": self.prompt.format(conversation=transcript(c))}] for c in conversations]
+        prompts = [turn_query(self.tokenizer, ask, self.max_length) if self.tokenizer.chat_template else
+                   self.tokenizer(ask[0]["content"] + "\n\nUser:")["input_ids"][-self.max_length:] for ask in asks]
+        answers = sample_turns(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
+                               self.micro_batch)
+        return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+
+def make_user(args: Args, device, dtype):
+    """The user simulator, user(conversations) -> next user messages: --user-model if given, else --user-fn."""
+    if args.user_model is None:
+        return common.load_reward_fn(args.user_fn)
+    return LLMUser(args.user_model, args.user_device or device, dtype, args.user_prompt, args.user_temperature,
+                   args.user_max_new_tokens, args.max_prompt_length, args.micro_batch_size)
+
+
+def make_scorer(args: Args, device, dtype):
+    """score(conversations) -> rewards tensor: --reward-model reads each whole dialogue through its own chat template
+    (a plain transcript if it has none) at the last token; else --reward-fn f(conversations) -> floats."""
+    if args.reward_model is None:
+        function = common.load_reward_fn(args.reward_fn)
+        return lambda conversations: torch.tensor(function(conversations), dtype=torch.float, device=device)
+    tokenizer = common.load_tokenizer(args.reward_model)
+    tokenizer.padding_side = "right"
+    model = common.freeze(common.load_model(args.reward_model, device, dtype, AutoModelForSequenceClassification,
+                                            num_labels=1))
+
+    def score(conversations):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) if tokenizer.chat_template else transcript(c)
+                 for c in conversations]
+        return common.reward_model_scores(model, tokenizer, texts, args.micro_batch_size)
+
+    return score
+
+
+@torch.no_grad()
+def play(policy, tokenizer, user, dialogues: list[list[dict]], stops: list[int], args: Args, temperature: float,
+         device, dtype) -> list[list[tuple[list[int], list[int]]]]:
+    """Continue each dialogue in place until it has played stops[i] moves (see `moves`). Each round, pi_t answers
+    every dialogue waiting on the assistant (one batch), then the user answers every dialogue waiting on the user.
+    Returns, per dialogue, its new assistant turns as (query ids, answer ids): exactly what pi_t saw and sampled."""
+    played = [[] for _ in dialogues]
+    while todo := [i for i, d in enumerate(dialogues) if moves(d) < stops[i]]:
+        ask = [i for i in todo if dialogues[i][-1]["role"] == "user"]
+        queries = [turn_query(tokenizer, dialogues[i], args.max_prompt_length) for i in ask]
+        with common.autocast(device, dtype):
+            answers = sample_turns(policy, tokenizer, queries, args.max_new_tokens, temperature,
+                                   args.micro_batch_size)
+        for i, query, answer in zip(ask, queries, answers):
+            dialogues[i].append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
+            played[i].append((query, answer))
+        reply = [i for i in todo if moves(dialogues[i]) < stops[i] and dialogues[i][-1]["role"] == "assistant"]
+        for i, message in zip(reply, user([dialogues[i] for i in reply]) if reply else []):
+            dialogues[i].append({"role": "user", "content": message})
+    return played
+
+
+def turn_tensors(turns: list[tuple[list[int], list[int]]], pad_id: int, width: int, device):
+    """(query ids, answer ids) pairs -> left-padded query and mask, right-padded response [B, width] and its mask:
+    1 on exactly the answer's tokens (its end-of-turn EOS included), 0 on padding."""
+    query, query_mask = common.left_pad([q for q, _ in turns], pad_id, device)
+    responses = common.right_pad([a for _, a in turns], width, pad_id, device)
+    lengths = torch.tensor([len(a) for _, a in turns], device=device)
+    return query, query_mask, responses, (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+
+
+def draw_turns(n: int, max_turns: int) -> tuple[list[int], list[int]]:
+    """n draws of the horizon H ~ U{1..max_turns} and the reset turn h ~ U{1..H}."""
+    horizons = [random.randint(1, max_turns) for _ in range(n)]
+    return horizons, [random.randint(1, horizon) for horizon in horizons]
+
+
+@torch.no_grad()
+def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: Args, device, dtype) -> dict:
+    """Pairs of dialogues that share their history up to the user's turn-h message and differ from turn h's answer
+    on; their rewards R, R' (truncated at H), and pi_t's log-probs of the two turn-h answers.
+
+    Tensors have the a half first and the a' half second (2b rows); `dialogues` are the 2b conversations."""
+    b = len(rows)
+    horizons, resets = draw_turns(b, args.max_turns)
+    # Roll in: turns 1..h-1 and the user's turn-h question, the shared history s_h (the reset state).
+    histories = [first_turn(row) for row in rows]
+    play(policy, tokenizer, user, histories, [2 * h - 1 for h in resets], args, args.temperature, device, dtype)
+    # Two futures from s_h, both played to turn H in one batch: turn h's answers a (rows :b) and a' (rows b:).
+    dialogues = [list(history) for history in histories + histories]
+    played = play(policy, tokenizer, user, dialogues, [2 * horizon for horizon in horizons] * 2, args,
+                  args.temperature, device, dtype)
+    scores = score(dialogues)
+    if args.eos_penalty is not None:  # an answer of the future (turns h..H) ran out of tokens
+        ended = torch.tensor([all(a[-1:] == [tokenizer.eos_token_id] for _, a in turns) for turns in played],
+                             device=device)
+        scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)
+    # The regression's inputs: query = s_h with the generation prompt, response = the turn-h answer (EOS included).
+    answers = [turns[0][1] for turns in played]
+    query, query_mask, responses, mask = turn_tensors([turns[0] for turns in played], tokenizer.pad_token_id,
+                                                      args.max_new_tokens, device)
+    with common.autocast(device, dtype):
+        logp_old = common.batched_logprobs(policy, query, query_mask, responses, mask, args.temperature,
+                                           args.micro_batch_size).sum(1)
+        kl = torch.zeros_like(logp_old)
+        if reference is not None:
+            kl = logp_old - common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
+                                                    args.micro_batch_size).sum(1)
+    keep = torch.tensor([a != a_pair for a, a_pair in zip(answers[:b], answers[b:])], device=device).float()
+    return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
+                scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, keep=keep, dialogues=dialogues,
+                horizons=horizons, resets=resets)
+
+
+def refuel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
+                reward: torch.Tensor, reward_pair: torch.Tensor, eta: float, keep: torch.Tensor) -> torch.Tensor:
+    """REBEL's regression on the turn-h answers a, a' (times eta^2), mean over the kept pairs (keep = 1):
+
+        ( [ln pi_theta(a|s_h) - ln pi_t(a|s_h)] - [ln pi_theta(a'|s_h) - ln pi_t(a'|s_h)] - eta * [R - R'] )^2
+
+    Dropped pairs (identical answers, whose residual is a constant) count zero, which keeps DDP ranks in step."""
+    residual = (logp - logp_old) - (logp_pair - logp_pair_old) - eta * (reward - reward_pair)
+    return (keep * residual ** 2).sum() / keep.sum().clamp(min=1)
+
+
+def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype) -> dict:
+    """K passes of the regression over this rank's pairs, in minibatches of micro-batches; each micro-batch forwards
+    a and a' together (one forward, so DDP sees one backward per forward)."""
+    b = len(batch["rewards"]) // 2
+    minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
+    losses, predicted = [], torch.zeros(b, device=device)
+    for _ in range(args.num_passes):
+        order = torch.randperm(b, device=device)
+        for start in range(0, b, minibatch):
+            for step, micro_start in enumerate(range(start, start + minibatch, micro)):
+                i = order[micro_start:micro_start + micro]
+                both = torch.cat([i, i + b])
+                with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), \
+                        common.autocast(device, dtype):
+                    logp = common.response_logprobs(policy, batch["query"][both], batch["query_mask"][both],
+                                                    batch["responses"][both], batch["mask"][both],
+                                                    args.temperature).sum(1)
+                    loss = refuel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
+                                       batch["rewards"][i], batch["rewards"][i + b], args.eta, batch["keep"][i])
+                    (loss / args.grad_accum_steps).backward()
+                losses.append(loss.detach())
+                ratio = (logp - batch["logp_old"][both]).detach()
+                predicted[i] = (ratio[:len(i)] - ratio[len(i):]) / args.eta
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    target, keep = batch["rewards"][:b] - batch["rewards"][b:], batch["keep"].bool()
+    corr = torch.corrcoef(torch.stack([predicted[keep], target[keep]]))[0, 1] if keep.sum() > 1 else torch.tensor(0.)
+    return {"loss": torch.stack(losses).mean(), "reward_diff": target[keep].abs().sum() / keep.sum().clamp(min=1),
+            "regression_corr": corr.nan_to_num(0.0)}
+
+
+@torch.no_grad()
+def evaluate(policy, tokenizer, user, score, firsts: list[list[dict]], args: Args, device, dtype) -> list[float]:
+    """Mean reward at each turn 1..max_turns of dialogues played to max_turns from the evaluation first turns, over
+    all ranks (policy at --eval-temperature; for the embedded task, the accuracy at each turn)."""
+    dialogues = [list(first) for first in firsts]
+    play(policy, tokenizer, user, dialogues, [2 * args.max_turns] * len(dialogues), args, args.eval_temperature,
+         device, dtype)
+    totals = torch.stack([score([up_to_turn(d, t) for d in dialogues]).sum() for t in range(1, args.max_turns + 1)]
+                         + [torch.tensor(float(len(dialogues)), device=device)])
+    totals = common.all_reduce_mean(totals)  # the mean of sums over ranks, then the ratio: the global mean
+    return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
+
+
+def main(args: Args):
+    rank, world_size, device = common.setup_distributed()
+    check_args(args, world_size)
+    common.seed_everything(args.seed, rank)
+    dtype = common.parse_dtype(args.dtype, device)
+
+    # Data first: a missing column or an empty split stops us before any model is loaded.
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts)
+    common.check_columns(train_rows, args.dataset)
+    eval_firsts = [first_turn(row) for row in common.shard(eval_rows)]
+    user, score = make_user(args, device, dtype), make_scorer(args, device, dtype)
+    tokenizer = common.load_tokenizer(args.model)
+    if tokenizer.chat_template is None:
+        common.fail(f"--model {args.model}: the tokenizer has no chat template (dialogues need one)")
+
+    policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
+    reference = common.freeze(common.load_model(args.model, device, dtype)) if args.kl_coef else None
+    policy = common.wrap_ddp(policy, device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
+    total_steps = args.num_iterations * args.num_passes * args.num_minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+
+    before = evaluate(policy, tokenizer, user, score, eval_firsts, args, device, dtype)
+    common.print0("before training, eval reward per turn: " + " ".join(f"{v:.3f}" for v in before))
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc="refuel"):
+        # 1. Roll in to turn h, branch two futures to turn H with pi_t and the user, score both.
+        batch = rollout(policy, reference, tokenizer, user, score, next(batches), args, device, dtype)
+        # 2. Regress the relative log-ratio of the turn-h answers onto the relative future reward.
+        stats = update(policy, optimizer, scheduler, batch, args, device, dtype)
+        # 3. Log the mean over all processes.
+        metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "kept_fraction": batch["keep"].mean(),
+                   "horizon": torch.tensor(batch["horizons"], dtype=torch.float).mean(),
+                   "reset_turn": torch.tensor(batch["resets"], dtype=torch.float).mean(),
+                   "turn_h_length": batch["mask"].sum(1).float().mean(), **stats}
+        values = common.all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float()
+                                                     for v in metrics.values()]))
+        log({**dict(zip(metrics, values.tolist())), "lr": scheduler.get_last_lr()[0]}, iteration)
+
+    after = evaluate(policy, tokenizer, user, score, eval_firsts, args, device, dtype)
+    common.print0("eval reward per turn (accuracy for the embedded task)\nturn  before  after")
+    for turn, (old, new) in enumerate(zip(before, after), 1):
+        common.print0(f"{turn:>4}  {old:6.3f}  {new:6.3f}")
+    log({f"eval_turn{t}_before": v for t, v in enumerate(before, 1)}
+        | {f"eval_turn{t}_after": v for t, v in enumerate(after, 1)}, args.num_iterations)
+    common.save_model(policy, tokenizer, args.output_dir)
+    common.print0(f"saved the policy to {args.output_dir}")
+    common.clean_exit()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
