@@ -608,8 +608,10 @@ def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, 
         model, tokenizer, reward_model_texts(prompts, prompt_texts, responses, tokenizer))
 
 
-def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
-    """A response that never emitted EOS gets the fixed `penalty` score instead of its reward."""
+def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """A response that never emitted EOS gets the fixed `penalty` score instead of its reward (None: no penalty)."""
+    if penalty is None:
+        return scores
     return torch.where(ended, scores, torch.full_like(scores, penalty))
 
 

@@ -53,7 +53,7 @@ class Args:
     """where the trained policy (an HF folder) and metrics.jsonl are written"""
     seed: int = 1
     """random seed (each process adds its rank)"""
-    num_iterations: int = 16
+    num_iterations: int = 10
     """training iterations: sample a batch of pairs from pi_t, then regress on it"""
     batch_size: int = 16
     """prompts per iteration over all processes (two responses each); paper: 512"""
@@ -81,8 +81,8 @@ class Args:
     """response length; responses are cut after their first EOS; paper (TL;DR): 53"""
     max_prompt_length: int = 512
     """prompts are left-truncated to this many tokens"""
-    eos_penalty: float = -1.0
-    """score given to a response that has no EOS within max_new_tokens"""
+    eos_penalty: float | None = -1.0
+    """score given to a response that has no EOS within max_new_tokens (None: no penalty)"""
     micro_batch_size: int = 32
     """sequences per forward pass when computing log-probs without gradient and when evaluating"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -60,6 +60,7 @@ def test_eos_cut_mask_and_penalty():
     assert ended.tolist() == [True, False, True]
     scores = common.apply_eos_penalty(torch.tensor([0.5, 2.0, -0.3]), ended, -1.0)
     assert scores.tolist() == pytest.approx([0.5, -1.0, -0.3])
+    assert common.apply_eos_penalty(torch.tensor([0.5, 2.0]), ended[:2], None).tolist() == [0.5, 2.0]
     # When pad id == EOS id, padding after the first EOS must not extend the mask.
     same = torch.tensor([[5, 3, 3, 3]])
     assert common.eos_mask(same, 3).tolist() == [[1, 1, 0, 0]]

@@ -1,0 +1,55 @@
+"""Run by test_rebel.py under torchrun: one REBEL update on a fixed global batch of pairs, split over the ranks.
+
+usage: python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py MODEL_DIR OUT_FILE
+Rank 0 saves the flat parameter vector and the largest difference between any rank's parameters and its own."""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import common  # noqa: E402
+import rebel  # noqa: E402
+
+model_dir, out = sys.argv[1:3]
+rank, world, device = common.setup_distributed()
+tokenizer = common.load_tokenizer(model_dir)
+policy = common.load_model(model_dir, device)
+
+# The same global batch on every rank: 8 prompts of different lengths, two responses each, fixed rewards.
+pairs, width = 8, 6
+generator = torch.Generator().manual_seed(0)
+prompts = [tokenizer("q" * (i + 1))["input_ids"] for i in range(pairs)] * 2
+query, query_mask = common.left_pad(prompts, tokenizer.pad_token_id)
+responses = torch.randint(10, len(tokenizer), (2 * pairs, width), generator=generator)
+responses[torch.arange(2 * pairs), torch.randint(1, width, (2 * pairs,), generator=generator)] = tokenizer.eos_token_id
+responses = common.cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+mask = common.eos_mask(responses, tokenizer.eos_token_id)
+logp_old = common.batched_logprobs(policy, query, query_mask, responses, mask, 0.7, 4).sum(1)
+batch = dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
+             rewards=torch.randn(2 * pairs, generator=generator))
+
+# This rank's pairs: rank, rank + W, ... (as common.prompt_batches deals prompts), each with its y'.
+mine = torch.arange(rank, pairs, world)
+local = {key: value[torch.cat([mine, mine + pairs])] for key, value in batch.items()}
+
+args = rebel.Args(batch_size=pairs, num_passes=2, num_minibatches=1, grad_accum_steps=2, lr=1e-2, temperature=0.7)
+policy = common.wrap_ddp(policy, device)
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+torch.manual_seed(rank)
+rebel.update(policy, optimizer, scheduler, local, args, device, torch.float32)
+
+params = torch.cat([p.detach().flatten() for p in policy.parameters()])
+gathered = [torch.zeros_like(params) for _ in range(world)]
+if world > 1:
+    dist.all_gather(gathered, params)
+else:
+    gathered = [params]
+if rank == 0:
+    torch.save({"params": params, "rank_diff": max((g - params).abs().max().item() for g in gathered)}, out)
+common.clean_exit()

@@ -1,0 +1,158 @@
+"""REBEL: the loss against its formula, the direction of its gradient, the pair sources, learning on a tiny model,
+torchrun equivalence, and the command line."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import rebel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
+
+
+def write_prompts(path, n=64):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Count: {i} {'ab' * (i % 5)}", "completion": f" {i + 1}"}) + "\n")
+    return str(path)
+
+
+def test_rebel_loss_equals_formula_on_hand_made_numbers():
+    logp, logp_old = torch.tensor([-3.0, -5.0]), torch.tensor([-3.5, -4.0])
+    logp_pair, logp_pair_old = torch.tensor([-6.0, -2.0]), torch.tensor([-5.0, -2.5])
+    reward, reward_pair = torch.tensor([1.0, 0.2]), torch.tensor([0.0, 0.7])
+    # pair 1: (0.5 - (-1.0) - 2 * 1.0)^2 = 0.25;  pair 2: (-1.0 - 0.5 - 2 * (-0.5))^2 = 0.25
+    loss = rebel.rebel_loss(logp, logp_old, logp_pair, logp_pair_old, reward, reward_pair, eta=2.0)
+    assert loss.item() == pytest.approx(0.25)
+    loss = rebel.rebel_loss(logp, logp_old, logp_pair, logp_pair_old, reward, reward_pair, eta=0.5)
+    # pair 1: (1.5 - 0.5)^2 = 1.0;  pair 2: (-1.5 + 0.25)^2 = 1.5625
+    assert loss.item() == pytest.approx((1.0 + 1.5625) / 2)
+
+
+def test_gradient_step_pushes_the_better_response_up(tiny_llama):
+    model, tokenizer = common.load_model(tiny_llama, CPU), common.load_tokenizer(tiny_llama)
+    query, query_mask = common.left_pad([tokenizer("Say something")["input_ids"]] * 2, tokenizer.pad_token_id)
+    response = common.right_pad([tokenizer("good")["input_ids"] + [tokenizer.eos_token_id],
+                                 tokenizer("bad!")["input_ids"] + [tokenizer.eos_token_id]], 6,
+                                tokenizer.pad_token_id)
+    mask = common.eos_mask(response, tokenizer.eos_token_id)
+
+    def margin():
+        logp = common.response_logprobs(model, query, query_mask, response, mask, 1.0).sum(1)
+        return logp, logp[0] - logp[1]
+
+    with torch.no_grad():
+        old, before = margin()
+    logp, _ = margin()
+    loss = rebel.rebel_loss(logp[:1], old[:1], logp[1:], old[1:], torch.tensor([1.0]), torch.tensor([0.0]), 1.0)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+        _, after = margin()
+    assert after - before > 0.05  # the log-prob of the better response rose relative to the worse one
+
+
+@pytest.mark.parametrize("mu", ["policy", "reference", "dataset"])
+def test_rollout_pairs_come_from_the_chosen_source(mu, tiny_llama, tmp_path):
+    tokenizer = common.load_tokenizer(tiny_llama)
+    policy, reference = common.load_model(tiny_llama, CPU), common.load_model(tiny_llama, CPU)
+    rows = common.tokenize_prompts(common.load_splits(write_prompts(tmp_path / "p.jsonl", 4), "train", "test",
+                                                      1)[0], tokenizer, 64)
+    rows = [rows[i] for i in range(3)]
+    args = rebel.Args(mu=mu, max_new_tokens=5, kl_coef=0.1)
+    score = common.make_scorer(None, "tests/rewards.py:fraction_of_digits", CPU, torch.float32)
+    torch.manual_seed(0)
+    batch = rebel.rollout(policy, reference, tokenizer, rows, score, args, CPU, torch.float32)
+    assert batch["responses"].shape == (6, 5)
+    assert torch.equal(batch["query"][:3], batch["query"][3:])  # y and y' answer the same prompts
+    if mu == "dataset":
+        expected = common.right_pad([r["reference_ids"] for r in rows], 5, tokenizer.pad_token_id)
+        assert torch.equal(batch["responses"][3:], expected)
+    assert torch.allclose(batch["rewards"], batch["scores"] - 0.1 * batch["kl"])
+    if mu != "reference":  # pi_t == pi_ref at the start, so the KL estimate is exactly 0
+        assert batch["kl"].abs().max() < 1e-5
+
+
+def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
+    """Reward = fraction of digits in 8 sampled characters: ~0.1 for the random model. Measured at seed 1:
+    0.07 -> 0.22 over 10 iterations, and greedy eval 0.19 -> 1.0."""
+    out = tmp_path / "out"
+    rebel.main(rebel.Args(model=tiny_llama, dataset=write_prompts(tmp_path / "p.jsonl"),
+                          reward_fn="tests/rewards.py:fraction_of_digits", output_dir=str(out), num_iterations=10,
+                          batch_size=16, lr=3e-3, eta=10.0, kl_coef=0.0, eos_penalty=None, max_new_tokens=8,
+                          num_eval_prompts=16, seed=1))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    scores = [r["score"] for r in rows if "score" in r]
+    assert len(scores) == 10
+    assert sum(scores[-3:]) / 3 - sum(scores[:3]) / 3 > 0.08
+    assert rows[-1]["eval_score_after"] - rows[-1]["eval_score_before"] > 0.3
+    saved = common.load_model(str(out), CPU)  # the saved policy loads and is the trained one
+    assert not torch.equal(saved.lm_head.weight, common.load_model(tiny_llama, CPU).lm_head.weight)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(nproc: int, model: str, out: str):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={free_port()}",
+           os.path.join(ROOT, "tests", "ddp_worker.py"), model, out]
+    result = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_llama, tmp_path):
+    one = run_worker(1, tiny_llama, str(tmp_path / "one.pt"))
+    two = run_worker(2, tiny_llama, str(tmp_path / "two.pt"))
+    start = torch.cat([p.flatten() for p in common.load_model(tiny_llama, CPU).parameters()])
+    assert (one["params"] - start).abs().max() > 1e-3  # the update did move the weights
+    assert two["rank_diff"] == 0.0  # DDP kept both ranks identical
+    assert torch.allclose(one["params"], two["params"], atol=1e-5)
+
+
+def cli(*flags):
+    return subprocess.run([sys.executable, "rebel.py", *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_every_flag():
+    result = cli("--help")
+    assert result.returncode == 0
+    for field in dataclasses.fields(rebel.Args):
+        assert f"--{field.name.replace('_', '-')}" in result.stdout
+
+
+def test_bad_input_gives_one_clear_error_line_before_loading_a_model(tmp_path):
+    result = cli("--no-such-flag")
+    assert result.returncode == 2 and "Unrecognized options: --no-such-flag" in result.stderr
+    missing = tmp_path / "text.jsonl"
+    missing.write_text('{"text": "hello"}\n')
+    empty = tmp_path / "empty.csv"
+    empty.write_text("prompt\n")
+    prompts_only = tmp_path / "prompts.jsonl"
+    prompts_only.write_text('{"prompt": "hello"}\n' * 20)
+    cases = [(["--dataset", str(missing)], "needs a 'prompt', 'messages' or 'chosen' column"),
+             (["--dataset", str(empty)], "has no rows"),
+             (["--batch-size", "10", "--num-minibatches", "4"], "--batch-size 10 must be a positive multiple"),
+             (["--reward-fn", "nowhere:f"], "--reward-fn nowhere:f"),
+             (["--mu", "dataset", "--dataset", str(prompts_only)], "needs a 'completion' or 'chosen' column")]
+    for flags, message in cases:
+        result = cli("--model", str(tmp_path / "no-such-model"), *flags)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode != 0
+        assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr
