@@ -1,7 +1,7 @@
 """Helpers of the PPO-family tests (test_ppo.py, test_ppo_plus.py, test_drpo.py): a small prompt/completion
 dataset, a reward that records what it scored, one short learning run, and greedy answers from bare prompts.
 
-Also a reward-function file: `--reward-fn tests/ppo_testlib.py:recorded_fraction_of_a`."""
+Also a reward-function file: `--reward-fn tests/ppo_testlib.py:recorded_fraction_of_digits`."""
 
 import json
 import os
@@ -9,18 +9,18 @@ import os
 RECORD_ENV = "PPO_TEST_RECORD"  # file the recording reward appends to
 
 
-def recorded_fraction_of_a(prompts: list[str], responses: list[str]) -> list[float]:
-    """Fraction of the response's characters that are 'a' (tests/rewards.py:fraction_of_a), and each scored
-    (prompt, response) appended as a JSON line to $PPO_TEST_RECORD, so a test can see what was scored."""
+def recorded_fraction_of_digits(prompts: list[str], responses: list[str]) -> list[float]:
+    """Fraction of the response's characters that are digits (tests/rewards.py:fraction_of_digits), and each
+    scored (prompt, response) appended as a JSON line to $PPO_TEST_RECORD, so a test can see what was scored."""
     if os.environ.get(RECORD_ENV):
         with open(os.environ[RECORD_ENV], "a") as f:
             for p, r in zip(prompts, responses):
                 f.write(json.dumps({"prompt": p, "response": r}) + "\n")
-    return [r.count("a") / max(len(r), 1) for r in responses]
+    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
 
 
 def write_dataset(path, n: int = 80) -> str:
-    """n string prompts with one reference completion each (no 'a' in it: DR-PO's prefixes don't raise the
+    """n string prompts with one reference completion each (no digit in it: DR-PO's prefixes don't raise the
     reward by themselves). A local file has one split, so the last rows are the held-out evaluation prompts."""
     with open(path, "w") as f:
         for i in range(n):
@@ -29,12 +29,12 @@ def write_dataset(path, n: int = 80) -> str:
 
 
 def learning_run(module, model_dir: str, tmp_path, monkeypatch, **overrides) -> tuple[list[dict], list[dict]]:
-    """main(Args(...)) of ppo/ppo_plus/drpo on the tiny model for a few iterations with the 'a' reward (no EOS
+    """main(Args(...)) of ppo/ppo_plus/drpo on the tiny model for a few iterations with the digits reward (no EOS
     penalty: a random tiny model almost never ends); returns (metrics.jsonl rows, scored (prompt, response))."""
     record = tmp_path / "scored.jsonl"
     monkeypatch.setenv(RECORD_ENV, str(record))
     settings = dict(model=model_dir, dataset=write_dataset(tmp_path / "data.jsonl"),
-                    reward_fn=f"{os.path.abspath(__file__)}:recorded_fraction_of_a", output_dir=str(tmp_path / "run"),
+                    reward_fn=f"{os.path.abspath(__file__)}:recorded_fraction_of_digits", output_dir=str(tmp_path / "run"),
                     seed=1, num_iterations=8, batch_size=16, num_ppo_epochs=4, num_minibatches=2, lr=1e-2,
                     max_new_tokens=8, num_eval_prompts=8, micro_batch_size=16, eos_penalty=None,
                     eval_temperature=0.0)
