@@ -406,8 +406,8 @@ def check_preference_columns(data: Dataset, name: str):
 
 
 def tokenize_prompts(data: Dataset, tokenizer, max_prompt_length: int) -> Dataset:
-    """Rows -> prompt (as in the dataset), prompt text, prompt token ids (left-truncated to max_prompt_length) and reference response ids
-    (EOS appended; empty when the dataset has none)."""
+    """Rows -> prompt (as in the dataset), prompt text, prompt token ids (left-truncated to max_prompt_length) and
+    reference response ids (EOS appended; empty when the dataset has none)."""
 
     def encode(row):
         prompt, reference = split_prompt(row)
