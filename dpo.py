@@ -46,15 +46,15 @@ class Args:
     seed: int = 1
     """random seed"""
     beta: float = 0.1
-    """beta: strength of the implicit KL to pi_ref (DPO paper: 0.1; TL;DR: 0.5)"""
-    num_epochs: float = 0.1
+    """beta: strength of the implicit KL to pi_ref (DPO paper: 0.1, and 0.5 for TL;DR)"""
+    num_epochs: float = 0.03
     """passes over the training pairs (fractions allowed); paper: 1"""
-    batch_size: int = 16
-    """pairs per optimizer step over all processes; paper: 64"""
+    batch_size: int = 8
+    """pairs per optimizer step over all processes; DPO paper: 64"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step (lowers memory, same result)"""
     lr: float = 1e-5
-    """AdamW learning rate, decayed linearly to 0; paper: 1e-6"""
+    """AdamW learning rate, decayed linearly to 0; DPO paper: 1e-6 (RMSprop, 150 warm-up steps)"""
     adam_eps: float = 1e-8
     """AdamW epsilon"""
     max_prompt_length: int = 512

@@ -48,9 +48,9 @@ class Args:
     """where the reward model (an HF folder) and metrics.jsonl are written"""
     seed: int = 1
     """random seed"""
-    num_epochs: float = 0.1
+    num_epochs: float = 0.03
     """passes over the training pairs (fractions allowed); paper (TL;DR): 1"""
-    batch_size: int = 16
+    batch_size: int = 8
     """pairs per optimizer step over all processes"""
     grad_accum_steps: int = 1
     """micro-batches per optimizer step (lowers memory, same result)"""
