@@ -1,0 +1,146 @@
+"""Time and peak memory per iteration (rollout + update) of REBEL (rebel.py) and PPO (ppo.py), in one run.
+
+Both run the same model, prompts, response length, passes over the batch (K = PPO epochs), minibatches and
+micro-batch size, with their own scripts' `rollout` and `update`. Each algorithm runs in its own subprocess, so
+its peak memory is its own: on GPU torch.cuda.max_memory_allocated, on CPU the process's peak resident set size
+(getrusage ru_maxrss: models, optimizer states, activations and the Python runtime).
+
+"Same batch" has two readings, picked by --equal:
+  responses (default): both put the same number of responses through the models per iteration: PPO samples one
+    response to each of --batch-size prompts, REBEL two responses to each of the first half of those prompts;
+  prompts: both get the same --batch-size prompts (REBEL then samples twice as many responses).
+
+    python bench/bench_rebel_vs_ppo.py                            # embedded model, CPU, small settings
+    python bench/bench_rebel_vs_ppo.py --model EleutherAI/pythia-1b-deduped --batch-size 64 --max-new-tokens 53
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import tyro  # noqa: E402
+
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """policy (and reference) for both algorithms; PPO's value model starts from it"""
+    reward_fn: str = "common:arithmetic_reward"
+    """reward function of both algorithms"""
+    dataset: str = common.ARITHMETIC
+    """prompts (the same ones for both)"""
+    batch_size: int = 16
+    """responses per iteration (--equal responses) or prompts per iteration (--equal prompts)"""
+    equal: Literal["responses", "prompts"] = "responses"
+    """what the two algorithms get the same number of per iteration"""
+    max_new_tokens: int = 16
+    """response length"""
+    num_passes: int = 2
+    """REBEL's passes = PPO's epochs over each iteration's batch"""
+    num_minibatches: int = 2
+    """optimizer steps per pass"""
+    micro_batch_size: int = 32
+    """sequences per no-grad forward"""
+    iterations: int = 3
+    """timed iterations, after one untimed warm-up iteration"""
+    seed: int = 1
+    """random seed"""
+    only: Literal["both", "rebel", "ppo"] = "both"
+    """internal: run one algorithm in this process and print its result as JSON"""
+
+
+def run_one(args: Args, name: str) -> dict:
+    """Set up `name` as its script's main() does, run warm-up + timed iterations, return time and memory."""
+    import ppo
+    import rebel
+
+    _, _, device = common.setup_distributed()
+    common.seed_everything(args.seed)
+    dtype = common.parse_dtype("auto", device)
+    shared = dict(model=args.model, reward_fn=args.reward_fn, dataset=args.dataset, max_new_tokens=args.max_new_tokens,
+                  num_minibatches=args.num_minibatches, micro_batch_size=args.micro_batch_size, seed=args.seed)
+    prompts = args.batch_size // 2 if name == "rebel" and args.equal == "responses" else args.batch_size
+    if name == "rebel":
+        script_args = rebel.Args(**shared, batch_size=prompts, num_passes=args.num_passes)
+    else:
+        script_args = ppo.Args(**shared, batch_size=prompts, num_ppo_epochs=args.num_passes)
+    script_args.num_iterations = args.iterations + 1
+    train_rows, _ = common.load_splits(args.dataset, "train", "test", 1)
+    score = common.make_scorer(None, args.reward_fn, device, dtype)
+    tokenizer = common.load_tokenizer(args.model)
+    train_rows = common.tokenize_prompts(train_rows, tokenizer, script_args.max_prompt_length)
+    reference = common.freeze(common.load_model(args.model, device, dtype))
+    if name == "rebel":  # as in rebel.main
+        model = common.load_model(args.model, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=script_args.lr, eps=script_args.adam_eps)
+        total_steps = script_args.num_iterations * args.num_passes * args.num_minibatches
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    else:  # as in ppo.main
+        model = ppo.PolicyAndValue(common.load_model(args.model, device), ppo.load_value_model(script_args, device))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=script_args.lr, eps=script_args.adam_eps)
+        scheduler = ppo.make_scheduler(optimizer, script_args)
+    batches = common.prompt_batches(train_rows, prompts, args.seed)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(args.iterations + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        if name == "rebel":
+            batch = rebel.rollout(model, reference, tokenizer, next(batches), score, script_args, device, dtype)
+            rebel.update(model, optimizer, scheduler, batch, script_args, device, dtype)
+        else:
+            batch = ppo.rollout(model, reference, tokenizer, next(batches), score, script_args, device, dtype)
+            batch |= ppo.advantages_and_returns(batch, script_args)
+            ppo.update(model, optimizer, scheduler, batch, script_args, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i > 0:  # iteration 0 warms up allocators and kernels
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        memory, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    else:
+        memory, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+    return {"name": name, "prompts": prompts, "responses": len(batch["responses"]), "seconds": times,
+            "memory": memory, "memory_kind": kind, "device": str(device)}
+
+
+def main(args: Args):
+    if args.only != "both":
+        print("RESULT " + json.dumps(run_one(args, args.only)), flush=True)
+        return
+    results = {}
+    for name in ("rebel", "ppo"):  # one subprocess each: separate peak memory
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(args).items() if k != "only"]
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, f"--only={name}"],
+                             capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode or not lines:
+            common.fail(f"the {name} run failed:\n{out.stderr[-3000:]}")
+        results[name] = json.loads(lines[-1][len("RESULT "):])
+    print(f"model {args.model}, device {results['ppo']['device']}, {args.max_new_tokens} new tokens, "
+          f"{args.num_passes} passes x {args.num_minibatches} minibatches, equal {args.equal}, "
+          f"{args.iterations} timed iterations after 1 warm-up")
+    mean = {}
+    for name, r in results.items():
+        mean[name] = sum(r["seconds"]) / len(r["seconds"])
+        print(f"{name:6s} {r['prompts']:4d} prompts {r['responses']:4d} responses   "
+              f"{mean[name]:8.2f} s/iteration (min {min(r['seconds']):.2f})   "
+              f"{r['memory'] / 2 ** 30:7.2f} GiB {r['memory_kind']}")
+    print(f"REBEL / PPO: time {mean['rebel'] / mean['ppo']:.2f}x, "
+          f"memory {results['rebel']['memory'] / results['ppo']['memory']:.2f}x")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
