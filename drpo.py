@@ -140,7 +140,7 @@ def check_args(args: Args, world_size: int):
         common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
     for flag in ("gamma", "lam", "reset_prob"):
         if not 0 <= getattr(args, flag) <= 1:
-            common.fail(f"--{flag} must be in [0, 1], got {getattr(args, flag)}")
+            common.fail(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
     for flag in ("cliprange", "cliprange_value", "vf_coef"):
         if getattr(args, flag) < 0:
             common.fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")

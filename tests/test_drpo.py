@@ -42,3 +42,10 @@ def test_drpo_learns_and_evaluates_from_bare_prompts(tiny_llama, tmp_path, monke
     and evaluation scores the greedy answers from the bare prompts, though every training episode is reset."""
     metrics = check_learning_and_bare_evaluation(drpo, tiny_llama, tmp_path, monkeypatch)
     assert all(m["reset_fraction"] == 1.0 for m in metrics[:-1])
+
+
+def test_reset_prob_must_be_a_probability():
+    import pytest
+
+    with pytest.raises(SystemExit, match="--reset-prob must be in"):
+        drpo.check_args(drpo.Args(reset_prob=-0.1), world_size=1)

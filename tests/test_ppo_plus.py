@@ -72,3 +72,10 @@ def test_ppo_plus_learns_and_evaluates_from_bare_prompts(tiny_llama, tmp_path, m
     metrics = check_learning_and_bare_evaluation(ppo_plus, tiny_llama, tmp_path, monkeypatch)
     reset = sum(m["reset_fraction"] for m in metrics[:-1]) / (len(metrics) - 1)
     assert 0.6 < reset < 0.95  # beta = 0.2: about 80% of episodes start from a roll-in
+
+
+def test_beta_must_be_a_probability():
+    import pytest
+
+    with pytest.raises(SystemExit, match="--beta must be in"):
+        ppo_plus.check_args(ppo_plus.Args(beta=1.5), world_size=1)
