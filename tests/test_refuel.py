@@ -220,3 +220,13 @@ def test_reward_rises(tiny_llama, tmp_path):
     assert all(evals[f"eval_turn{t}_before"] < 0.1 for t in (1, 2, 3))
     assert all(evals[f"eval_turn{t}_after"] > 0.5 for t in (1, 2, 3)), evals
     assert (out / "config.json").exists()
+
+
+def test_first_turn_of_each_dataset_format():
+    system, question = {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}
+    dialogue = [system, question, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"},
+                {"role": "assistant", "content": "sure"}]
+    assert refuel.first_turn({"messages": dialogue}) == [system, question]  # a whole dialogue: its opening
+    assert refuel.first_turn({"chosen": dialogue[1:], "rejected": dialogue[1:]}) == [question]
+    assert refuel.first_turn({"prompt": "hi"}) == [question]
+    assert refuel.first_turn({"prompt": [system, question]}) == [system, question]
