@@ -65,7 +65,7 @@ class Args:
     """random seed (each process adds its rank)"""
     num_iterations: int = 12
     """training iterations: roll out a batch with pi_t, then PPO epochs on it"""
-    batch_size: int = 32
+    batch_size: int = 16
     """prompts (= episodes) per iteration over all processes; paper (TL;DR): 512"""
     num_ppo_epochs: int = 2
     """passes over each iteration's episodes; paper: 4"""
