@@ -8,7 +8,6 @@ import string
 
 import pytest
 import torch
-from datasets import Dataset
 
 import common
 import reward
