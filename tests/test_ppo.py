@@ -65,7 +65,8 @@ def test_token_rewards_put_kl_on_every_token_and_the_score_on_the_last():
                  values=torch.zeros(2, 4), scores=torch.tensor([5.0, -1.0]))
     out = ppo.advantages_and_returns(batch, args)
     # -0.1 * (logp_old - logp_ref) per token, plus the score at the last response token
-    torch.testing.assert_close(out["rewards"], torch.tensor([[-0.1, 0.0, -0.2 + 5.0, 0.0], [0.0, 0.0, 0.0, -0.1 - 1.0]]))
+    expected = torch.tensor([[-0.1, 0.0, -0.2 + 5.0, 0.0], [0.0, 0.0, 0.0, -0.1 - 1.0]])
+    torch.testing.assert_close(out["rewards"], expected)
     assert out["advantages"][0, 3] == 0 and out["returns"][0, 3] == 0
     assert abs(ppo.masked_mean(out["advantages"], mask.float()).item()) < 1e-6  # whitened over the 7 tokens
 

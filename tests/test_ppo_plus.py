@@ -43,7 +43,8 @@ def test_rollin_stops_before_the_guides_eos(tiny_llama):
     rows = [{"input_ids": [a, b, key]} for key in keys]
     args = ppo_plus.Args(max_new_tokens=6, beta=0.0)
     torch.manual_seed(0)
-    draws = [ppo_plus.rollin(ScriptedGuide(keys, script), tokenizer, rows, args, torch.device("cpu")) for _ in range(1500)]
+    guide = ScriptedGuide(keys, script)
+    draws = [ppo_plus.rollin(guide, tokenizer, rows, args, torch.device("cpu")) for _ in range(1500)]
     assert all(d[0] == [] for d in draws)
     assert all(d[3] == [c] for d in draws)
     assert all(eos not in p for d in draws for p in d)
@@ -55,8 +56,8 @@ def test_rollin_stops_before_the_guides_eos(tiny_llama):
 
     # beta: the probability of starting at the bare prompt (rows 1-3 would otherwise always be reset)
     args = ppo_plus.Args(max_new_tokens=6, beta=0.3)
-    bare = sum(p == [] for _ in range(1500) for p in ppo_plus.rollin(ScriptedGuide(keys, script), tokenizer, rows, args,
-                                                                      torch.device("cpu"))[1:])
+    draws = [ppo_plus.rollin(guide, tokenizer, rows, args, torch.device("cpu")) for _ in range(1500)]
+    bare = sum(p == [] for d in draws for p in d[1:])
     assert abs(bare / 4500 - 0.3) < 4 * (0.3 * 0.7 / 4500) ** 0.5
 
 
