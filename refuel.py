@@ -79,7 +79,7 @@ class Args:
     """split to train on"""
     eval_split: str = "test"
     """split to evaluate on (if missing, the last rows of the train split are held out)"""
-    num_eval_prompts: int = 48
+    num_eval_prompts: int = 32
     """first user turns whose dialogues are evaluated at every turn before and after training"""
     output_dir: str = "runs/refuel"
     """where the trained policy (an HF folder) and metrics.jsonl are written"""
@@ -87,7 +87,7 @@ class Args:
     """random seed (each process adds its rank)"""
     max_turns: int = 5
     """H_max: the longest dialogue, in assistant turns; paper: 5"""
-    num_iterations: int = 8
+    num_iterations: int = 6
     """training iterations: play pairs of dialogues with pi_t, then regress on them"""
     batch_size: int = 16
     """first user turns (= pairs of dialogues) per iteration over all processes; paper: 128 pairs per step"""
@@ -95,7 +95,7 @@ class Args:
     """K: passes over each iteration's pairs"""
     num_minibatches: int = 1
     """optimizer steps per pass (the pairs are split into this many minibatches)"""
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 2
     """micro-batches per minibatch (lowers memory, same result)"""
     lr: float = 1e-5
     """AdamW learning rate, decayed linearly to 0; paper: 3e-7 (cosine, 10% warm-up)"""
