@@ -536,10 +536,11 @@ def batched_logprobs(model, query, query_mask, response, response_mask, temperat
 # ----------------------------------------------------------------------------------------------------------------
 # Rewards: a reward model or a Python function, and the no-EOS penalty
 # ----------------------------------------------------------------------------------------------------------------
-def load_reward_fn(spec: str):
-    """`module:function` (or `path/to/file.py:function`) -> f(prompts: list[str], responses: list[str]) -> floats."""
+def load_reward_fn(spec: str, flag: str = "--reward-fn"):
+    """`module:function` (or `path/to/file.py:function`) -> the function, e.g. a reward
+    f(prompts: list[str], responses: list[str]) -> floats. Errors name `flag`."""
     if ":" not in spec:
-        fail(f"--reward-fn {spec}: expected module:function")
+        fail(f"{flag} {spec}: expected module:function")
     module_name, function = spec.rsplit(":", 1)
     try:
         if module_name.endswith(".py"):
@@ -550,7 +551,7 @@ def load_reward_fn(spec: str):
             module = importlib.import_module(module_name)
         return getattr(module, function)
     except (ImportError, AttributeError, FileNotFoundError) as e:
-        fail(f"--reward-fn {spec}: {e}")
+        fail(f"{flag} {spec}: {e}")
 
 
 def scalar_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

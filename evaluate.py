@@ -199,7 +199,7 @@ def main(args: Args):
     _, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_prompts)
     common.check_columns(eval_rows, args.dataset, need_reference=judging)
     references = [common.split_prompt(row)[1] for row in eval_rows] if judging else []
-    judge = common.load_reward_fn(args.judge_fn) if args.judge_fn is not None else None
+    judge = common.load_reward_fn(args.judge_fn, "--judge-fn") if args.judge_fn is not None else None
     score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
     tokenizer = common.load_tokenizer(args.reference)
     rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)

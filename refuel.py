@@ -259,7 +259,7 @@ class LLMUser:
 def make_user(args: Args, device, dtype):
     """The user simulator, user(conversations) -> next user messages: --user-model if given, else --user-fn."""
     if args.user_model is None:
-        return common.load_reward_fn(args.user_fn)
+        return common.load_reward_fn(args.user_fn, "--user-fn")
     return LLMUser(args.user_model, args.user_device or device, dtype, args.user_prompt, args.user_temperature,
                    args.user_max_new_tokens, args.max_prompt_length, args.micro_batch_size)
 

@@ -128,6 +128,8 @@ def test_reward_fn_from_module_and_file(tmp_path):
     assert common.load_reward_fn(f"{path}:length")(["p"], ["abc"]) == [3.0]
     with pytest.raises(SystemExit, match="--reward-fn common:nope"):
         common.load_reward_fn("common:nope")
+    with pytest.raises(SystemExit, match="--judge-fn nomodule:f"):
+        common.load_reward_fn("nomodule:f", "--judge-fn")
 
 
 def test_arithmetic_task_is_held_out_and_scored():
