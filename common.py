@@ -570,11 +570,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def reward_model_texts(prompts: list, prompt_texts: list[str], responses: list[str], tokenizer) -> list[str]:
-    """What the reward model reads: its own chat template over conversations, else prompt text + response."""
+    """What the reward model reads: its own chat template over conversations, else prompt text + response + EOS
+    (reward models trained on TL;DR read the score at the EOS token; a response without EOS gets the no-EOS penalty
+    instead of this score anyway)."""
     if tokenizer.chat_template is not None and all(isinstance(p, list) for p in prompts):
         return [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
                 for p, r in zip(prompts, responses)]
-    return [p + r for p, r in zip(prompt_texts, responses)]
+    return [p + r + tokenizer.eos_token for p, r in zip(prompt_texts, responses)]
 
 
 @torch.no_grad()

@@ -233,3 +233,10 @@ def test_evaluate_scores_greedy_responses_from_bare_prompts(tiny_llama, tmp_path
     responses = common.generate(model, tokenizer, query, mask, 6, 0.0)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     assert result["score"] == pytest.approx(sum(map(len, texts)) / 9)
+
+
+def test_reward_model_reads_plain_text_up_to_eos_and_conversations_through_its_template(tiny_tokenizer):
+    plain = common.reward_model_texts(["TL;DR:"], ["TL;DR:"], [" a summary"], tiny_tokenizer)
+    assert plain == ["TL;DR: a summary<|im_end|>"]
+    chat = common.reward_model_texts([[{"role": "user", "content": "Hi"}]], ["ignored"], ["yo"], tiny_tokenizer)
+    assert chat == ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"]
