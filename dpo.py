@@ -81,13 +81,9 @@ class Args:
 
 def check_args(args: Args, world_size: int):
     """Reject bad flags with one clear line, before anything is loaded."""
-    for flag in ("num_epochs", "grad_accum_steps", "num_eval_pairs", "max_prompt_length", "max_response_length",
-                 "max_new_tokens", "log_every", "micro_batch_size"):
-        if getattr(args, flag) <= 0:
-            common.fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.batch_size <= 0 or args.batch_size % (world_size * args.grad_accum_steps):
-        common.fail(f"--batch-size {args.batch_size} must be a positive multiple of processes ({world_size}) x "
-                    f"--grad-accum-steps ({args.grad_accum_steps})")
+    common.check_positive(args, "num_epochs", "grad_accum_steps", "num_eval_pairs", "max_prompt_length",
+                          "max_response_length", "max_new_tokens", "log_every", "micro_batch_size")
+    common.check_batch_split(args, world_size, "grad_accum_steps")
     if args.beta <= 0:
         common.fail(f"--beta must be positive, got {args.beta}")
     common.check_report_to(args.report_to)

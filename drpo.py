@@ -128,14 +128,9 @@ class Args:
 
 def check_args(args: Args, world_size: int):
     """Reject bad flag combinations with one clear line, before anything is loaded."""
-    for flag in ("num_iterations", "num_ppo_epochs", "num_minibatches", "grad_accum_steps", "max_new_tokens",
-                 "micro_batch_size", "num_eval_prompts", "max_prompt_length"):
-        if getattr(args, flag) <= 0:
-            common.fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    per_step = world_size * args.num_minibatches * args.grad_accum_steps
-    if args.batch_size <= 0 or args.batch_size % per_step:
-        common.fail(f"--batch-size {args.batch_size} must be a positive multiple of processes ({world_size}) x "
-                    f"--num-minibatches ({args.num_minibatches}) x --grad-accum-steps ({args.grad_accum_steps})")
+    common.check_positive(args, "num_iterations", "num_ppo_epochs", "num_minibatches", "grad_accum_steps",
+                          "max_new_tokens", "micro_batch_size", "num_eval_prompts", "max_prompt_length")
+    common.check_batch_split(args, world_size, "num_minibatches", "grad_accum_steps")
     if args.temperature <= 0:
         common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
     for flag in ("gamma", "lam", "reset_prob"):

@@ -92,9 +92,8 @@ def check_args(args: Args, world_size: int):
         common.fail("give --judge-model or --judge-fn, not both")
     if args.temperature <= 0:
         common.fail(f"--temperature must be positive (the KL is estimated on samples), got {args.temperature}")
-    for flag in ("num_prompts", "judge_max_new_tokens", "max_new_tokens", "max_prompt_length", "micro_batch_size"):
-        if getattr(args, flag) <= 0:
-            common.fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    common.check_positive(args, "num_prompts", "judge_max_new_tokens", "max_new_tokens", "max_prompt_length",
+                          "micro_batch_size")
     for field in re.findall(r"{(\w*)}", args.judge_prompt):
         if field not in ("prompt", "a", "b"):
             common.fail(f"--judge-prompt: unknown field {{{field}}} (use {{prompt}}, {{a}} and {{b}})")

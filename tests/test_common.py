@@ -240,3 +240,14 @@ def test_reward_model_reads_plain_text_up_to_eos_and_conversations_through_its_t
     assert plain == ["TL;DR: a summary<|im_end|>"]
     chat = common.reward_model_texts([[{"role": "user", "content": "Hi"}]], ["ignored"], ["yo"], tiny_tokenizer)
     assert chat == ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"]
+
+
+def test_flag_checks_name_the_flag_at_fault():
+    class Args:
+        batch_size, num_minibatches, grad_accum_steps, lr = 12, 2, 4, 0.0
+
+    with pytest.raises(SystemExit, match=r"^error: --lr must be positive, got 0.0$"):
+        common.check_positive(Args, "num_minibatches", "lr")
+    common.check_batch_split(Args, 1, "num_minibatches")  # 12 = 1 x 2 x 6
+    with pytest.raises(SystemExit, match=r"processes \(1\) x --num-minibatches \(2\) x --grad-accum-steps \(4\)$"):
+        common.check_batch_split(Args, 1, "num_minibatches", "grad_accum_steps")
