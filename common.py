@@ -41,6 +41,25 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
+def check_positive(args, *flags: str):
+    """One clear error line for the first of these integer/float flags that is not positive."""
+    for flag in flags:
+        if getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+
+
+def check_batch_split(args, world_size: int, *flags: str):
+    """--batch-size must split evenly over the processes and then over each of `flags` (e.g. minibatches, then
+    gradient-accumulation micro-batches)."""
+    per_step = world_size
+    for flag in flags:
+        per_step *= getattr(args, flag)
+    if args.batch_size <= 0 or args.batch_size % per_step:
+        parts = " x ".join([f"processes ({world_size})"] + [f"--{f.replace('_', '-')} ({getattr(args, f)})"
+                                                             for f in flags])
+        fail(f"--batch-size {args.batch_size} must be a positive multiple of {parts}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup (torchrun) and seeding
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,25 +126,6 @@ def no_sync_unless(model: torch.nn.Module, sync: bool):
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def check_positive(args, *flags: str):
-    """One clear error line for the first of these integer/float flags that is not positive."""
-    for flag in flags:
-        if getattr(args, flag) <= 0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-
-
-def check_batch_split(args, world_size: int, *flags: str):
-    """--batch-size must split evenly over the processes and then over each of `flags` (e.g. minibatches, then
-    gradient-accumulation micro-batches)."""
-    per_step = world_size
-    for flag in flags:
-        per_step *= getattr(args, flag)
-    if args.batch_size <= 0 or args.batch_size % per_step:
-        parts = " x ".join([f"processes ({world_size})"] + [f"--{f.replace('_', '-')} ({getattr(args, f)})"
-                                                             for f in flags])
-        fail(f"--batch-size {args.batch_size} must be a positive multiple of {parts}")
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
