@@ -37,7 +37,7 @@ ARITHMETIC_PREFERENCES = "arithmetic-preferences"  # the same questions as chose
 
 
 def fail(message: str):
-    """Stop with one clear error line (exit code 2), the way a CLI reports bad input."""
+    """Stop with one clear error line on stderr (exit status 1), before anything heavy has happened."""
     raise SystemExit(f"error: {message}")
 
 
