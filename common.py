@@ -705,6 +705,8 @@ def check_report_to(report_to: str):
 
 
 def clean_exit():
-    """Leave the process group (end of a torchrun job)."""
+    """Leave the process group (end of a torchrun job), once every rank is done with its collectives: a rank that
+    tears gloo down while another is still working can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
