@@ -243,8 +243,7 @@ def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, de
     texts = tokenizer.batch_decode([p + r for p, r in zip(prefixes, responses.tolist())], skip_special_tokens=True)
     ended = common.has_eos(responses, tokenizer.eos_token_id)
     scores = score([r["prompt"] for r in rows], [r["prompt_text"] for r in rows], texts)
-    if args.eos_penalty is not None:
-        scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)
+    scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)  # None: no penalty
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=torch.cat(logp_old),
                 logp_ref=logp_ref, values=torch.cat(values), scores=scores, ended=ended.float(),
                 prefix_length=torch.tensor([len(p) for p in prefixes], device=device).float())
