@@ -100,13 +100,17 @@ def seed_everything(seed: int, rank: int = 0):
     torch.manual_seed(seed + rank)
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (identity in a single process)."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (identity in a single process)."""
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
-        x /= dist.get_world_size()
     return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity in a single process)."""
+    return all_reduce_sum(x) / dist.get_world_size() if dist.is_initialized() else x
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -655,8 +659,7 @@ def evaluate(model, tokenizer, data: Dataset, score, max_new_tokens: int, temper
         totals += torch.stack([scores.sum(), has_eos(responses, tokenizer.eos_token_id).float().sum(),
                                eos_mask(responses, tokenizer.eos_token_id).sum().float(),
                                torch.tensor(float(len(texts)), device=device)])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = all_reduce_sum(totals)
     n = totals[3].clamp(min=1)
     return {"score": (totals[0] / n).item(), "eos_fraction": (totals[1] / n).item(), "length": (totals[2] / n).item()}
 

@@ -145,21 +145,13 @@ def check_args(args: Args, world_size: int):
 # ----------------------------------------------------------------------------------------------------------------
 # The PPO pieces, each next to its equation in the module docstring
 # ----------------------------------------------------------------------------------------------------------------
-def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a tensor over all processes (the tensor itself in a single process)."""
-    if torch.distributed.is_initialized():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-    return x
-
-
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / std over the entries where mask is 1, over all processes (the global batch); 0 where mask is 0.
     The variance is the unbiased one. shift_mean=False adds the mean back (scales only; used for rewards)."""
     mask = mask.float()
-    total, count = global_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    total, count = common.all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
     mean = total / count
-    var = global_sum(((x - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
+    var = common.all_reduce_sum(((x - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -307,7 +299,7 @@ def update(model, optimizer, scheduler, batch: dict, args: Args, device, dtype) 
     for _ in range(args.num_ppo_epochs):
         order = torch.randperm(b, device=device)
         for start in range(0, b, minibatch):
-            tokens = global_sum(batch["mask"][order[start:start + minibatch]].sum().float())
+            tokens = common.all_reduce_sum(batch["mask"][order[start:start + minibatch]].sum().float())
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
                 mask = batch["mask"][i].float()

@@ -122,8 +122,7 @@ def accuracy(model, tokenizer, rows, micro_batch: int, device) -> dict:
         rejected = common.reward_model_scores(model, tokenizer, rows["rejected"], micro_batch)
     total = torch.stack([((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum(),
                          (chosen - rejected).sum(), chosen.sum(), torch.tensor(float(len(rows)), device=device)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
+    total = common.all_reduce_sum(total)
     n = total[3].clamp(min=1)
     return {"accuracy": (total[0] / n).item(), "margin": (total[1] / n).item(), "chosen_score": (total[2] / n).item()}
 

@@ -117,8 +117,7 @@ def eval_loss(model, rows, tokenizer, args: Args, device, dtype) -> float:
             loss = forward_loss(model, batch)
         tokens = (batch["labels"][:, 1:] != -100).sum()
         total += torch.stack([loss.float() * tokens, tokens.float()])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
+    total = common.all_reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
 

@@ -1,7 +1,8 @@
 """Run by test_rebel.py under torchrun: one REBEL update on a fixed global batch of pairs, split over the ranks.
 
 usage: python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py MODEL_DIR OUT_FILE
-Rank 0 saves the flat parameter vector and the largest difference between any rank's parameters and its own."""
+Rank 0 saves the flat parameter vector, the largest difference between any rank's parameters and its own, and
+common.all_reduce_sum / all_reduce_mean of (rank + 1, 1)."""
 
 import os
 import sys
@@ -50,6 +51,9 @@ if world > 1:
     dist.all_gather(gathered, params)
 else:
     gathered = [params]
+local_value = torch.tensor([rank + 1.0, 1.0])
+reduced = {"sum": common.all_reduce_sum(local_value), "mean": common.all_reduce_mean(local_value),
+           "local_after": local_value}
 if rank == 0:
-    torch.save({"params": params, "rank_diff": max((g - params).abs().max().item() for g in gathered)}, out)
+    torch.save({"params": params, "rank_diff": max((g - params).abs().max().item() for g in gathered), **reduced}, out)
 common.clean_exit()

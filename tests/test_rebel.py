@@ -122,6 +122,10 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_llama, tm
     assert (one["params"] - start).abs().max() > 1e-3  # the update did move the weights
     assert two["rank_diff"] == 0.0  # DDP kept both ranks identical
     assert torch.allclose(one["params"], two["params"], atol=1e-5)
+    # the reductions over ranks: (1, 1) and (2, 1) sum to (3, 2), average to (1.5, 1); the input is left as it was
+    assert two["sum"].tolist() == [3.0, 2.0] and two["mean"].tolist() == [1.5, 1.0]
+    assert one["sum"].tolist() == [1.0, 1.0] and one["mean"].tolist() == [1.0, 1.0]
+    assert two["local_after"].tolist() == [1.0, 1.0]
 
 
 def cli(*flags):
