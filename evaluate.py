@@ -12,8 +12,9 @@ The KL is the estimate the RL scripts log (log-probs at the sampling temperature
 checkpoint's reward and KL here sit on the same axes as training. The judge sees the prompt and the two responses in
 a random order (fixed by --seed: position bias cancels out) and answers A or B; an answer naming neither counts as
 a tie (half a win). The judge is any chat model through transformers (--judge-model, prompted with --judge-prompt,
-by default the DPO paper's TL;DR summary-comparison prompt) or a Python function (--judge-fn module:function,
-f(prompts, responses_a, responses_b) -> answers). Writes eval.json (the numbers), samples.jsonl (every response and
+by default the DPO paper's TL;DR summary-comparison prompt) or a Python function (--judge-fn module:function, called
+with keywords as reward functions are: f(prompts, completions, **dataset_columns) -> answers, completions a list
+of [A, B] pairs, each answer a text naming A or B or, as TRL's pairwise judges return, the index 0 or 1). Writes eval.json (the numbers), samples.jsonl (every response and
 verdict) and, with several policies and matplotlib installed, reward_vs_kl.png.
 
     python evaluate.py --policy runs/sft runs/rebel --reference runs/sft --reward-model runs/reward \
@@ -49,7 +50,8 @@ class Args:
     reward_model: str | None = None
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn"""
     reward_fn: str = "common:arithmetic_reward"
-    """reward function `module:function` or `file.py:function`, f(prompts, responses) -> list of floats"""
+    """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
+    **dataset_columns) -> list of floats"""
     dataset: str = common.ARITHMETIC
     """hub id, local folder or .json/.jsonl/.csv/.parquet file in a TRL format; 'arithmetic' is the embedded task"""
     train_split: str = "train"
@@ -61,7 +63,8 @@ class Args:
     judge_model: str | None = None
     """chat model (hub id or folder) that judges policy vs. reference response; neither judge: no win rate"""
     judge_fn: str | None = None
-    """judge function `module:function` or `file.py:function`, f(prompts, responses_a, responses_b) -> answers"""
+    """judge function `module:function` or `file.py:function`, f(prompts, completions, **dataset_columns) ->
+    answers; completions are [A, B] pairs, answers texts naming A or B, or indices 0 / 1 as TRL's judges return"""
     judge_prompt: str = JUDGE_PROMPT
     """the judge model's prompt, with the fields {prompt}, {a} and {b}"""
     judge_max_new_tokens: int = 8
@@ -77,7 +80,8 @@ class Args:
     micro_batch_size: int = 32
     """sequences per forward pass"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """precision of every model (auto: bfloat16 on GPU, float32 on CPU)"""
+    """autocast precision (policies and reference keep fp32 weights, as in training, so the same model has KL 0; the
+    judge and reward model are loaded in it); auto: bfloat16 on GPU, float32 on CPU"""
     output_dir: str = "runs/evaluate"
     """where eval.json, samples.jsonl and reward_vs_kl.png are written"""
 
@@ -97,6 +101,7 @@ def check_args(args: Args, world_size: int):
     for field in re.findall(r"{(\w*)}", args.judge_prompt):
         if field not in ("prompt", "a", "b"):
             common.fail(f"--judge-prompt: unknown field {{{field}}} (use {{prompt}}, {{a}} and {{b}})")
+    common.check_shared_flags(args)
 
 
 @torch.no_grad()
@@ -104,8 +109,8 @@ def sample(policy, reference, tokenizer, rows, score, args: Args, device, dtype)
     """One response per prompt from `policy`; its reward, KL to `reference` (summed over the response) and length."""
     out = {"responses": [], "reward": [], "kl": [], "length": [], "ended": []}
     for i in range(0, len(rows), args.micro_batch_size):
-        batch = rows[i:i + args.micro_batch_size]
-        query, query_mask = common.left_pad(batch["input_ids"], tokenizer.pad_token_id, device)
+        batch = rows.select(range(i, min(i + args.micro_batch_size, len(rows)))).to_list()
+        query, query_mask = common.left_pad([r["input_ids"] for r in batch], tokenizer.pad_token_id, device)
         with common.autocast(device, dtype):
             responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature)
             mask = common.eos_mask(responses, tokenizer.eos_token_id)
@@ -113,27 +118,33 @@ def sample(policy, reference, tokenizer, rows, score, args: Args, device, dtype)
             logp_ref = common.response_logprobs(reference, query, query_mask, responses, mask, args.temperature)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         out["responses"] += texts
-        out["reward"] += score(batch["prompt"], batch["prompt_text"], texts).tolist()
+        out["reward"] += score(batch, texts).tolist()
         out["kl"] += (logp - logp_ref).sum(1).tolist()
         out["length"] += mask.sum(1).tolist()
-        out["ended"] += common.has_eos(responses, tokenizer.eos_token_id).tolist()
+        out["ended"] += common.has_eos(responses, mask, tokenizer.eos_token_id).tolist()
     return out
 
 
-def parse_choice(answer: str) -> str | None:
-    """The judge's verdict: the first standalone 'A' or 'B' in its answer, None if there is none."""
+def parse_choice(answer) -> str | None:
+    """The judge's verdict: the first standalone 'A' or 'B' in its answer (an index 0 or 1 is A or B), None if there
+    is none."""
+    if isinstance(answer, int):
+        return {0: "A", 1: "B"}.get(answer)
     found = re.search(r"\b([AB])\b", answer)
     return found.group(1) if found else None
 
 
-def win_rate(judge, prompts: list[str], responses: list[str], references: list[str], seed: int) -> dict:
+def win_rate(judge, prompts: list[str], responses: list[str], references: list[str], seed: int,
+             columns: dict | None = None) -> dict:
     """Fraction of prompts where the judge prefers the policy's response to the reference (a tie counts half).
     Each pair is shown in a random order, drawn from `seed`: the policy is A or B with probability 1/2."""
     rng = random.Random(seed)
     policy_is_a = [rng.random() < 0.5 for _ in responses]
     a = [r if first else ref for r, ref, first in zip(responses, references, policy_is_a)]
     b = [ref if first else r for r, ref, first in zip(responses, references, policy_is_a)]
-    answers = [str(answer) for answer in judge(prompts, a, b)]
+    answers = judge(prompts=prompts, completions=[[x, y] for x, y in zip(a, b)], **(columns or {}))
+    if len(answers) != len(prompts):
+        common.fail(f"the judge returned {len(answers)} answers for {len(prompts)} pairs")
     choices = [parse_choice(answer) for answer in answers]
     wins = [0.5 if c is None else float((c == "A") == first) for c, first in zip(choices, policy_is_a)]
     return {"win_rate": sum(wins) / max(len(wins), 1), "ties": choices.count(None), "policy_is_a": policy_is_a,
@@ -141,12 +152,12 @@ def win_rate(judge, prompts: list[str], responses: list[str], references: list[s
 
 
 def model_judge(name: str, template: str, max_new_tokens: int, micro_batch: int, device, dtype):
-    """A chat model as a judge: f(prompts, responses_a, responses_b) -> its greedy answers."""
+    """A chat model as a judge: f(prompts, completions, **columns) -> its greedy answers ([A, B] pairs)."""
     tokenizer = common.load_tokenizer(name)
     model = common.freeze(common.load_model(name, device, dtype))
 
-    def judge(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[str]:
-        questions = [template.format(prompt=p, a=a, b=b) for p, a, b in zip(prompts, responses_a, responses_b)]
+    def judge(prompts: list[str], completions: list[list[str]], **columns) -> list[str]:
+        questions = [template.format(prompt=p, a=a, b=b) for p, (a, b) in zip(prompts, completions)]
         answers = []
         for i in tqdm(range(0, len(questions), micro_batch), desc="judge", leave=False):
             texts = [common.render_prompt([{"role": "user", "content": q}], tokenizer) if tokenizer.chat_template
@@ -196,9 +207,15 @@ def main(args: Args):
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     _, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_prompts)
+    columns = common.column_kwargs(eval_rows.to_list())
     common.check_columns(eval_rows, args.dataset, need_reference=judging)
     references = [common.split_prompt(row)[1] for row in eval_rows] if judging else []
-    judge = common.load_reward_fn(args.judge_fn, "--judge-fn") if args.judge_fn is not None else None
+    judge = None
+    if args.judge_fn is not None:
+        function = common.load_reward_fn(args.judge_fn, "--judge-fn")
+
+        def judge(**kwargs):
+            return common.call_user_fn(function, f"--judge-fn {args.judge_fn}", **kwargs)
     score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
     tokenizer = common.load_tokenizer(args.reference)
     rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
@@ -206,17 +223,17 @@ def main(args: Args):
     if args.judge_model is not None:
         judge = model_judge(args.judge_model, args.judge_prompt, args.judge_max_new_tokens, args.micro_batch_size,
                             device, dtype)
-    reference = common.freeze(common.load_model(args.reference, device, dtype))
+    reference = common.freeze(common.load_model(args.reference, device))  # fp32 weights under autocast, as training
 
     results, samples = [], []
     for name in args.policy:
         common.seed_everything(args.seed)  # every policy samples with the same random stream
-        policy = reference if name == args.reference else common.freeze(common.load_model(name, device, dtype))
+        policy = reference if name == args.reference else common.freeze(common.load_model(name, device))
         out = sample(policy, reference, tokenizer, rows, score, args, device, dtype)
         n = len(out["responses"])
         result = {"policy": name, "reward": sum(out["reward"]) / n, "kl": sum(out["kl"]) / n,
                   "length": sum(out["length"]) / n, "eos_fraction": sum(out["ended"]) / n}
-        judged = win_rate(judge, prompts, out["responses"], references, args.seed) if judging else None
+        judged = win_rate(judge, prompts, out["responses"], references, args.seed, columns) if judging else None
         if judged is not None:
             result |= {"win_rate": judged["win_rate"], "judge_ties": judged["ties"]}
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()),

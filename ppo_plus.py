@@ -4,11 +4,13 @@ Better Than Your LLM"). Everything but the reset is ppo.py; `diff ppo.py ppo_plu
 The reset. Episodes start from beta * D + (1 - beta) * d^{pi_ref}: each prompt independently, with probability
 --beta, starts at the bare prompt; otherwise pi_ref (the guide) samples a response g to it, and the learner starts
 from prompt + g[:k], k uniform over {1, ..., L - 1}, L = len(g) up to and including its first EOS (`rollin`,
-`reset_points`). When pi_ref ends inside its roll-in, that is the point: k <= L - 1 stops the roll-in before the
-guide's EOS, so the roll-in never contains an EOS and the learner always writes at least the last token; a guide
+`common.reset_points`). When pi_ref ends inside its roll-in, that is the point: k <= L - 1 stops the roll-in before
+the guide's EOS, so the roll-in never contains an EOS and the learner always writes at least the last token; a guide
 that ends at once (L < 2) gives no reset. The roll-in tokens are context: they are appended to the query, with no
-loss, KL or advantage on them; the learner's response keeps the full width max_new_tokens; the score reads roll-in
-+ response. Evaluation always starts at the bare prompt.
+loss, KL or advantage on them. Roll-in and response share one budget of max_new_tokens, as the authors force the
+roll-in inside the same generation: the learner writes at most max_new_tokens - k tokens, so a reset episode is
+never longer than a bare one (a length-biased reward would favour it otherwise). The score reads roll-in +
+response. Evaluation always starts at the bare prompt.
 
 PPO, as in ppo.py:
 
@@ -62,7 +64,8 @@ class Args:
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn. The
     value model starts from it, so it must share the policy's tokenizer"""
     reward_fn: str = "common:arithmetic_reward"
-    """reward function `module:function` or `file.py:function`, f(prompts, responses) -> list of floats"""
+    """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
+    **dataset_columns) -> list of floats"""
     dataset: str = common.ARITHMETIC
     """hub id, local folder or .json/.jsonl/.csv/.parquet file in a TRL format; 'arithmetic' is the embedded task"""
     train_split: str = "train"
@@ -89,8 +92,10 @@ class Args:
     """micro-batches per minibatch (lowers memory, same result)"""
     lr: float = 1e-5
     """AdamW learning rate of policy and value model; paper (TL;DR): 3e-6"""
-    lr_schedule: Literal["linear", "cosine"] = "linear"
-    """decay of the learning rate to 0 over training (DR-PO's TL;DR config: cosine)"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate schedule after warm-up: linear or cosine decay to 0, or constant"""
+    warmup_ratio: float = 0.0
+    """fraction of the optimizer steps over which the learning rate warms up linearly from 0"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     kl_coef: float = 0.05
@@ -120,7 +125,8 @@ class Args:
     micro_batch_size: int = 32
     """sequences per forward pass when computing log-probs and values without gradient and when evaluating"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """precision of the frozen models and of autocast for the trained ones (auto: bfloat16 on GPU, float32 on CPU)"""
+    """autocast precision of every model (weights stay fp32, the reward model's are loaded in it); auto: bfloat16
+    on GPU, float32 on CPU"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """also log metrics to tensorboard or wandb (must be installed)"""
 
@@ -138,7 +144,7 @@ def check_args(args: Args, world_size: int):
     for flag in ("cliprange", "cliprange_value", "vf_coef"):
         if getattr(args, flag) < 0:
             common.fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    common.check_report_to(args.report_to)
+    common.check_shared_flags(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,21 +206,15 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # The reset: roll-ins of pi_ref
 # ----------------------------------------------------------------------------------------------------------------
-def reset_points(lengths: torch.Tensor) -> torch.Tensor:
-    """A reset point uniform over {1, ..., L - 1} for each length L; 0 (no reset) where L < 2."""
-    k = 1 + (torch.rand(len(lengths)) * (lengths.cpu() - 1)).floor().long()
-    return torch.where(lengths.cpu() >= 2, k, 0)
-
-
 def rollin(reference, tokenizer, rows: list[dict], args: Args, device) -> list[list[int]]:
-    """Each prompt's prefix: with probability beta none; else pi_ref's response cut after k = reset_points(L) tokens,
-    L its length up to and including its first EOS (so the prefix never holds the guide's EOS)."""
+    """Each prompt's prefix: with probability beta none; else pi_ref's response cut after k = common.reset_points(L)
+    tokens, L its length up to and including its first EOS (so the prefix never holds the guide's EOS)."""
     prefixes = [[] for _ in rows]
     guided = (torch.rand(len(rows)) >= args.beta).nonzero().squeeze(1).tolist()
     if guided:
         query, query_mask = common.left_pad([rows[i]["input_ids"] for i in guided], tokenizer.pad_token_id, device)
         guide = common.generate(reference, tokenizer, query, query_mask, args.max_new_tokens, args.temperature)
-        k = reset_points(common.eos_mask(guide, tokenizer.eos_token_id).sum(1))
+        k = common.reset_points(common.eos_mask(guide, tokenizer.eos_token_id).sum(1))
         for j, i in enumerate(guided):
             prefixes[i] = guide[j, :k[j]].tolist()
     return prefixes
@@ -260,7 +260,8 @@ def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, de
                                             tokenizer.pad_token_id, device)
         responses = common.generate(model.policy, tokenizer, query, query_mask, args.max_new_tokens,
                                     args.temperature)
-        mask = common.eos_mask(responses, tokenizer.eos_token_id)
+        budget = args.max_new_tokens - torch.tensor([len(p) for p in prefixes])  # prefix + response share it
+        mask = common.eos_mask(responses, tokenizer.eos_token_id, budget)
         logp_old, values = [], []
         for i in range(0, len(query), args.micro_batch_size):
             s = slice(i, i + args.micro_batch_size)
@@ -269,9 +270,10 @@ def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, de
             values.append(v * mask[s])
         logp_ref = common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
                                            args.micro_batch_size)
-    texts = tokenizer.batch_decode([p + r for p, r in zip(prefixes, responses.tolist())], skip_special_tokens=True)
-    ended = common.has_eos(responses, tokenizer.eos_token_id)
-    scores = score([r["prompt"] for r in rows], [r["prompt_text"] for r in rows], texts)
+    texts = tokenizer.batch_decode([p + r[:n] for p, r, n in zip(prefixes, responses.tolist(), mask.sum(1).tolist())],
+                                   skip_special_tokens=True)
+    ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
+    scores = score(rows, texts)
     scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)  # None: no penalty
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=torch.cat(logp_old),
                 logp_ref=logp_ref, values=torch.cat(values), scores=scores, ended=ended.float(),
@@ -341,14 +343,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1 - var(returns - values) / var(returns).clamp(min=1e-8)
 
 
-def make_scheduler(optimizer, args: Args):
-    """Linear or cosine decay of the learning rate to 0 over all optimizer steps."""
-    total_steps = args.num_iterations * args.num_ppo_epochs * args.num_minibatches
-    if args.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
-
-
 def main(args: Args):
     rank, world_size, device = common.setup_distributed()
     check_args(args, world_size)
@@ -356,7 +350,8 @@ def main(args: Args):
     dtype = common.parse_dtype(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
-    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts)
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
+                                               args.batch_size)
     common.check_columns(train_rows, args.dataset)
     score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
     tokenizer = common.load_tokenizer(args.model)
@@ -366,9 +361,10 @@ def main(args: Args):
     # fp32 master weights for the trained models; autocast runs them in `dtype`
     model = PolicyAndValue(common.load_model(args.model, device), load_value_model(args, device))
     model = common.wrap_ddp(model, device)
-    reference = common.freeze(common.load_model(args.model, device, dtype))
+    reference = common.freeze(common.load_model(args.model, device))  # fp32 under the same autocast: KL 0 at step 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
-    scheduler = make_scheduler(optimizer, args)
+    scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
+                                      args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate():  # always from the bare prompt
@@ -392,9 +388,7 @@ def main(args: Args):
                    "explained_variance": explained_variance(batch["values"], batch["returns"], batch["mask"]),
                    "reset_fraction": (batch["prefix_length"] > 0).float().mean(),
                    "prefix_length": batch["prefix_length"].mean(), **stats}
-        values = common.all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float()
-                                                     for v in metrics.values()]))
-        log({**dict(zip(metrics, values.tolist())), "lr": scheduler.get_last_lr()[0]}, iteration)
+        log(common.mean_over_ranks(metrics, device) | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
     after = evaluate()
     common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")

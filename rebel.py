@@ -40,7 +40,8 @@ class Args:
     reward_model: str | None = None
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn"""
     reward_fn: str = "common:arithmetic_reward"
-    """reward function `module:function` or `file.py:function`, f(prompts, responses) -> list of floats"""
+    """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
+    **dataset_columns) -> list of floats"""
     dataset: str = common.ARITHMETIC
     """hub id, local folder or .json/.jsonl/.csv/.parquet file in a TRL format; 'arithmetic' is the embedded task"""
     train_split: str = "train"
@@ -64,7 +65,11 @@ class Args:
     grad_accum_steps: int = 1
     """micro-batches per minibatch (lowers memory, same result)"""
     lr: float = 1e-5
-    """AdamW learning rate, decayed linearly to 0; paper: 3e-6"""
+    """AdamW learning rate; paper: 3e-6"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate schedule after warm-up: linear or cosine decay to 0, or constant"""
+    warmup_ratio: float = 0.0
+    """fraction of the optimizer steps over which the learning rate warms up linearly from 0"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     eta: float = 1.0
@@ -86,7 +91,8 @@ class Args:
     micro_batch_size: int = 32
     """sequences per forward pass when computing log-probs without gradient and when evaluating"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """precision of the frozen models and of autocast for the policy (auto: bfloat16 on GPU, float32 on CPU)"""
+    """autocast precision of every model (policy and reference weights stay fp32, the reward model's are loaded in
+    it); auto: bfloat16 on GPU, float32 on CPU"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """also log metrics to tensorboard or wandb (must be installed)"""
 
@@ -100,7 +106,7 @@ def check_args(args: Args, world_size: int):
         common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
     if args.eta <= 0:
         common.fail(f"--eta must be positive, got {args.eta}")
-    common.check_report_to(args.report_to)
+    common.check_shared_flags(args)
 
 
 def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
@@ -139,8 +145,8 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, d
         logp_ref = common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
                                            args.micro_batch_size)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    ended = common.has_eos(responses, tokenizer.eos_token_id)
-    scores = score([r["prompt"] for r in rows] * 2, [r["prompt_text"] for r in rows] * 2, texts)
+    ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
+    scores = score(rows * 2, texts)
     scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)
     kl = (logp_old - logp_ref).sum(1)
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old.sum(1),
@@ -186,19 +192,21 @@ def main(args: Args):
     dtype = common.parse_dtype(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
-    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts)
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
+                                               args.batch_size)
     common.check_columns(train_rows, args.dataset, need_reference=args.mu == "dataset")
     score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
     tokenizer = common.load_tokenizer(args.model)
     train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
     eval_rows = common.shard(common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length))
 
-    policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
-    reference = common.freeze(common.load_model(args.model, device, dtype))
+    # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's
+    policy = common.load_model(args.model, device)
+    reference = common.freeze(common.load_model(args.model, device))
     policy = common.wrap_ddp(policy, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
-    total_steps = args.num_iterations * args.num_passes * args.num_minibatches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
+                                      args.num_iterations * args.num_passes * args.num_minibatches)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate():
@@ -217,9 +225,7 @@ def main(args: Args):
         # 3. Log the mean over all processes.
         metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "eos_fraction": batch["ended"].mean(),
                    "length": batch["mask"].sum(1).float().mean(), **stats}
-        values = common.all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float()
-                                                     for v in metrics.values()]))
-        log({**dict(zip(metrics, values.tolist())), "lr": scheduler.get_last_lr()[0]}, iteration)
+        log(common.mean_over_ranks(metrics, device) | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
     after = evaluate()
     common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")

@@ -70,8 +70,9 @@ class Args:
     """reward model over the whole dialogue (one-label AutoModelForSequenceClassification, read through its own chat
     template); if unset, --reward-fn"""
     reward_fn: str = "refuel:arithmetic_chain_reward"
-    """reward function `module:function` or `file.py:function`, f(conversations) -> list of floats; each
-    conversation ends with the assistant's turn-H answer"""
+    """reward function `module:function` or `file.py:function`, called as TRL calls one on conversational data:
+    f(prompts, completions, **dataset_columns) -> list of floats, prompts = each dialogue up to the user's turn-H
+    message, completions = the assistant's turn-H answer as [{"role": "assistant", "content": ...}]"""
     dataset: str = common.ARITHMETIC
     """first user turns: hub id, local folder or .json/.jsonl/.csv/.parquet file with a 'prompt' (or 'messages')
     column; 'arithmetic' is the embedded task"""
@@ -98,7 +99,11 @@ class Args:
     grad_accum_steps: int = 2
     """micro-batches per minibatch (lowers memory, same result)"""
     lr: float = 1e-5
-    """AdamW learning rate, decayed linearly to 0; paper: 3e-7 (cosine, 10% warm-up)"""
+    """AdamW learning rate; paper: 3e-7 (cosine, 10% warm-up)"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate schedule after warm-up: linear or cosine decay to 0, or constant; paper: cosine"""
+    warmup_ratio: float = 0.0
+    """fraction of the optimizer steps over which the learning rate warms up linearly from 0; paper: 0.1"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     eta: float = 1.0
@@ -118,7 +123,8 @@ class Args:
     micro_batch_size: int = 48
     """sequences per forward pass when generating and computing log-probs without gradient"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """precision of the frozen models and of autocast for the policy (auto: bfloat16 on GPU, float32 on CPU)"""
+    """autocast precision of every model (the policy's and reference's weights stay fp32; the user's and the reward
+    model's are loaded in it); auto: bfloat16 on GPU, float32 on CPU"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """also log metrics to tensorboard or wandb (must be installed)"""
 
@@ -135,7 +141,7 @@ def check_args(args: Args, world_size: int):
         common.fail(f"--eta must be positive, got {args.eta}")
     if "{conversation}" not in args.user_prompt:
         common.fail("--user-prompt must contain {conversation}")
-    common.check_report_to(args.report_to)
+    common.check_shared_flags(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,11 +178,11 @@ def arithmetic_chain(conversation: list[dict]) -> int | None:
     return value
 
 
-def arithmetic_chain_reward(conversations: list[list[dict]]) -> list[float]:
+def arithmetic_chain_reward(prompts: list[list[dict]], completions: list[list[dict]], **kwargs) -> list[float]:
     """Reward of the embedded task: 1.0 if the last answer's last number is the right value of the whole chain."""
     rewards = []
-    for conversation in conversations:
-        answer, truth = common.last_number(conversation[-1]["content"]), arithmetic_chain(conversation)
+    for prompt, completion in zip(prompts, completions):
+        answer, truth = common.last_number(completion[-1]["content"]), arithmetic_chain(prompt)
         rewards.append(float(truth is not None and answer == truth))
     return rewards
 
@@ -254,28 +260,38 @@ class LLMUser:
 def make_user(args: Args, device, dtype):
     """The user simulator, user(conversations) -> next user messages: --user-model if given, else --user-fn."""
     if args.user_model is None:
-        return common.load_reward_fn(args.user_fn, "--user-fn")
+        function = common.load_reward_fn(args.user_fn, "--user-fn")
+        return lambda conversations: common.call_user_fn(function, f"--user-fn {args.user_fn}", conversations)
     return LLMUser(args.user_model, args.user_device or device, dtype, args.user_prompt, args.user_temperature,
                    args.user_max_new_tokens, args.max_prompt_length, args.micro_batch_size)
 
 
 def make_scorer(args: Args, device, dtype):
-    """score(conversations) -> rewards tensor: --reward-model reads each whole dialogue through its own chat template
-    (a plain transcript if it has none) at the last token; else --reward-fn f(conversations) -> floats."""
+    """score(conversations, rows) -> rewards tensor, `rows` the dataset rows the dialogues started from:
+    --reward-model reads each whole dialogue through its own chat template (a plain transcript if it has none) at
+    the last token; else --reward-fn f(prompts, completions, **columns) (TRL's convention: see Args.reward_fn)."""
     if args.reward_model is None:
         function = common.load_reward_fn(args.reward_fn)
-        return lambda conversations: torch.tensor(function(conversations), dtype=torch.float, device=device)
+
+        def score_fn(conversations, rows):
+            values = common.call_user_fn(function, f"--reward-fn {args.reward_fn}",
+                                         prompts=[c[:-1] for c in conversations],
+                                         completions=[c[-1:] for c in conversations], **common.column_kwargs(rows))
+            return common.check_scores(values, len(conversations), f"--reward-fn {args.reward_fn}", device)
+
+        return score_fn
     tokenizer = common.load_tokenizer(args.reward_model)
     tokenizer.padding_side = "right"
     model = common.freeze(common.load_model(args.reward_model, device, dtype, AutoModelForSequenceClassification,
                                             num_labels=1))
 
-    def score(conversations):
+    def score_model(conversations, rows):
         texts = [tokenizer.apply_chat_template(c, tokenize=False) if tokenizer.chat_template else transcript(c)
                  for c in conversations]
-        return common.reward_model_scores(model, tokenizer, texts, args.micro_batch_size)
+        return common.check_scores(common.reward_model_scores(model, tokenizer, texts, args.micro_batch_size),
+                                   len(texts), f"--reward-model {args.reward_model}")
 
-    return score
+    return score_model
 
 
 @torch.no_grad()
@@ -330,7 +346,7 @@ def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: A
     dialogues = [list(history) for history in histories + histories]
     played = play(policy, tokenizer, user, dialogues, [2 * horizon for horizon in horizons] * 2, args,
                   args.temperature, device, dtype)
-    scores = score(dialogues)
+    scores = score(dialogues, rows * 2)
     if args.eos_penalty is not None:  # an answer of the future (turns h..H) ran out of tokens
         ended = torch.tensor([all(a[-1:] == [tokenizer.eos_token_id] for _, a in turns) for turns in played],
                              device=device)
@@ -353,25 +369,34 @@ def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: A
 
 
 def refuel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
-                reward: torch.Tensor, reward_pair: torch.Tensor, eta: float, keep: torch.Tensor) -> torch.Tensor:
-    """REBEL's regression on the turn-h answers a, a' (times eta^2), mean over the kept pairs (keep = 1):
+                reward: torch.Tensor, reward_pair: torch.Tensor, eta: float, keep: torch.Tensor,
+                num_kept: torch.Tensor | None = None) -> torch.Tensor:
+    """REBEL's regression on the turn-h answers a, a' (times eta^2), summed over the kept pairs (keep = 1) and
+    divided by num_kept, the kept pairs of the whole minibatch (default: these pairs' own count, the mean):
 
         ( [ln pi_theta(a|s_h) - ln pi_t(a|s_h)] - [ln pi_theta(a'|s_h) - ln pi_t(a'|s_h)] - eta * [R - R'] )^2
 
     Dropped pairs (identical answers, whose residual is a constant) count zero, which keeps DDP ranks in step."""
     residual = (logp - logp_old) - (logp_pair - logp_pair_old) - eta * (reward - reward_pair)
-    return (keep * residual ** 2).sum() / keep.sum().clamp(min=1)
+    num_kept = keep.sum() if num_kept is None else num_kept
+    return (keep * residual ** 2).sum() / num_kept.clamp(min=1)
 
 
 def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype) -> dict:
     """K passes of the regression over this rank's pairs, in minibatches of micro-batches; each micro-batch forwards
-    a and a' together (one forward, so DDP sees one backward per forward)."""
+    a and a' together (one forward, so DDP sees one backward per forward).
+
+    The loss is the mean over the kept pairs of the whole minibatch over all ranks: each micro-batch's sum divided
+    by that global count (times the number of ranks, which DDP's gradient average divides out), so a micro-batch
+    with few kept pairs weighs no more than its pairs."""
     b = len(batch["rewards"]) // 2
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
     losses, predicted = [], torch.zeros(b, device=device)
     for _ in range(args.num_passes):
         order = torch.randperm(b, device=device)
         for start in range(0, b, minibatch):
+            kept = common.all_reduce_sum(batch["keep"][order[start:start + minibatch]].sum()) / world
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
                 both = torch.cat([i, i + b])
@@ -381,8 +406,8 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype)
                                                     batch["responses"][both], batch["mask"][both],
                                                     args.temperature).sum(1)
                     loss = refuel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
-                                       batch["rewards"][i], batch["rewards"][i + b], args.eta, batch["keep"][i])
-                    (loss / args.grad_accum_steps).backward()
+                                       batch["rewards"][i], batch["rewards"][i + b], args.eta, batch["keep"][i], kept)
+                    loss.backward()
                 losses.append(loss.detach())
                 ratio = (logp - batch["logp_old"][both]).detach()
                 predicted[i] = (ratio[:len(i)] - ratio[len(i):]) / args.eta
@@ -391,18 +416,19 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype)
             optimizer.zero_grad(set_to_none=True)
     target, keep = batch["rewards"][:b] - batch["rewards"][b:], batch["keep"].bool()
     corr = torch.corrcoef(torch.stack([predicted[keep], target[keep]]))[0, 1] if keep.sum() > 1 else torch.tensor(0.)
-    return {"loss": torch.stack(losses).mean(), "reward_diff": target[keep].abs().sum() / keep.sum().clamp(min=1),
+    return {"loss": torch.stack(losses).sum() / (args.num_passes * args.num_minibatches), "reward_diff": target[keep].abs().sum() / keep.sum().clamp(min=1),
             "regression_corr": corr.nan_to_num(0.0)}
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, user, score, firsts: list[list[dict]], args: Args, device, dtype) -> list[float]:
-    """Mean reward at each turn 1..max_turns of dialogues played to max_turns from the evaluation first turns, over
-    all ranks (policy at --eval-temperature; for the embedded task, the accuracy at each turn)."""
-    dialogues = [list(first) for first in firsts]
+def evaluate(policy, tokenizer, user, score, rows: list[dict], args: Args, device, dtype) -> list[float]:
+    """Mean reward at each turn 1..max_turns of dialogues played to max_turns from the evaluation rows' first turns,
+    over all ranks (policy at --eval-temperature; for the embedded task, the accuracy at each turn)."""
+    dialogues = [first_turn(row) for row in rows]
     play(policy, tokenizer, user, dialogues, [2 * args.max_turns] * len(dialogues), args, args.eval_temperature,
          device, dtype)
-    totals = torch.stack([score([up_to_turn(d, t) for d in dialogues]).sum() for t in range(1, args.max_turns + 1)]
+    totals = torch.stack([score([up_to_turn(d, t) for d in dialogues], rows).sum()
+                          for t in range(1, args.max_turns + 1)]
                          + [torch.tensor(float(len(dialogues)), device=device)])
     totals = common.all_reduce_mean(totals)  # the mean of sums over ranks, then the ratio: the global mean
     return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
@@ -415,23 +441,25 @@ def main(args: Args):
     dtype = common.parse_dtype(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
-    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts)
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
+                                               args.batch_size)
     common.check_columns(train_rows, args.dataset)
-    eval_firsts = [first_turn(row) for row in common.shard(eval_rows)]
+    eval_rows = common.shard(eval_rows).to_list()
     user, score = make_user(args, device, dtype), make_scorer(args, device, dtype)
     tokenizer = common.load_tokenizer(args.model)
     if tokenizer.chat_template is None:
         common.fail(f"--model {args.model}: the tokenizer has no chat template (dialogues need one)")
 
-    policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
-    reference = common.freeze(common.load_model(args.model, device, dtype)) if args.kl_coef else None
+    # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's
+    policy = common.load_model(args.model, device)
+    reference = common.freeze(common.load_model(args.model, device)) if args.kl_coef else None
     policy = common.wrap_ddp(policy, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
-    total_steps = args.num_iterations * args.num_passes * args.num_minibatches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
+                                      args.num_iterations * args.num_passes * args.num_minibatches)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
-    before = evaluate(policy, tokenizer, user, score, eval_firsts, args, device, dtype)
+    before = evaluate(policy, tokenizer, user, score, eval_rows, args, device, dtype)
     common.print0("before training, eval reward per turn: " + " ".join(f"{v:.3f}" for v in before))
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc="refuel"):
@@ -444,11 +472,9 @@ def main(args: Args):
                    "horizon": torch.tensor(batch["horizons"], dtype=torch.float).mean(),
                    "reset_turn": torch.tensor(batch["resets"], dtype=torch.float).mean(),
                    "turn_h_length": batch["mask"].sum(1).float().mean(), **stats}
-        values = common.all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float()
-                                                     for v in metrics.values()]))
-        log({**dict(zip(metrics, values.tolist())), "lr": scheduler.get_last_lr()[0]}, iteration)
+        log(common.mean_over_ranks(metrics, device) | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
-    after = evaluate(policy, tokenizer, user, score, eval_firsts, args, device, dtype)
+    after = evaluate(policy, tokenizer, user, score, eval_rows, args, device, dtype)
     common.print0("eval reward per turn (accuracy for the embedded task)\nturn  before  after")
     for turn, (old, new) in enumerate(zip(before, after), 1):
         common.print0(f"{turn:>4}  {old:6.3f}  {new:6.3f}")

@@ -55,7 +55,11 @@ class Args:
     grad_accum_steps: int = 1
     """micro-batches per optimizer step (lowers memory, same result)"""
     lr: float = 3e-5
-    """AdamW learning rate, decayed linearly to 0"""
+    """AdamW learning rate"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate schedule after warm-up: linear or cosine decay to 0, or constant"""
+    warmup_ratio: float = 0.0
+    """fraction of the optimizer steps over which the learning rate warms up linearly from 0"""
     adam_eps: float = 1e-8
     """AdamW epsilon"""
     normalize: bool = False
@@ -78,7 +82,7 @@ def check_args(args: Args, world_size: int):
     common.check_positive(args, "num_epochs", "grad_accum_steps", "num_eval_pairs", "num_normalize", "log_every",
                           "micro_batch_size")
     common.check_batch_split(args, world_size, "grad_accum_steps")
-    common.check_report_to(args.report_to)
+    common.check_shared_flags(args)
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -134,7 +138,8 @@ def main(args: Args):
     dtype = common.parse_dtype(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
-    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs)
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs,
+                                               args.batch_size)
     common.check_preference_columns(train_rows, args.dataset)
     tokenizer = common.load_tokenizer(args.model)
     tokenizer.padding_side = "right"  # as common.make_scorer loads it
@@ -145,7 +150,7 @@ def main(args: Args):
     model = common.wrap_ddp(LastTokenScore(reward_model), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / num_steps)
+    scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate() -> dict:

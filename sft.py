@@ -49,7 +49,11 @@ class Args:
     grad_accum_steps: int = 1
     """micro-batches per optimizer step (lowers memory, same result up to the per-micro-batch token mean)"""
     lr: float = 3e-5
-    """AdamW learning rate, decayed linearly to 0"""
+    """AdamW learning rate"""
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """learning-rate schedule after warm-up: linear or cosine decay to 0, or constant"""
+    warmup_ratio: float = 0.0
+    """fraction of the optimizer steps over which the learning rate warms up linearly from 0"""
     adam_eps: float = 1e-8
     """AdamW epsilon"""
     max_prompt_length: int = 512
@@ -79,7 +83,7 @@ def check_args(args: Args, world_size: int):
     common.check_positive(args, "num_epochs", "grad_accum_steps", "max_prompt_length", "max_response_length",
                           "num_eval_prompts", "max_new_tokens", "log_every", "micro_batch_size")
     common.check_batch_split(args, world_size, "grad_accum_steps")
-    common.check_report_to(args.report_to)
+    common.check_shared_flags(args)
 
 
 def sft_batch(rows: list[dict], pad_id: int, max_response_length: int, device=None) -> dict:
@@ -128,7 +132,8 @@ def main(args: Args):
     dtype = common.parse_dtype(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
-    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts)
+    train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
+                                               args.batch_size)
     common.check_columns(train_rows, args.dataset, need_reference=True)
     tokenizer = common.load_tokenizer(args.model)
     train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
@@ -140,11 +145,11 @@ def main(args: Args):
     model = common.wrap_ddp(common.load_model(args.model, device), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / num_steps)
+    scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate() -> dict:
-        metrics = {"loss": eval_loss(model, eval_rows, tokenizer, args, device, dtype)}
+        metrics = {"loss": eval_loss(common.unwrap(model), eval_rows, tokenizer, args, device, dtype)}
         if score is not None:
             with common.autocast(device, dtype):
                 metrics |= common.evaluate(model, tokenizer, eval_rows, score, args.max_new_tokens,
