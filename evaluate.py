@@ -207,6 +207,8 @@ def main(args: Args):
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     _, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_prompts)
+    if len(eval_rows) == 0:
+        common.fail(f"--dataset {args.dataset}: no evaluation rows (give --eval-split, or a dataset with more rows)")
     columns = common.column_kwargs(eval_rows.to_list())
     common.check_columns(eval_rows, args.dataset, need_reference=judging)
     references = [common.split_prompt(row)[1] for row in eval_rows] if judging else []

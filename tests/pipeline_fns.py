@@ -1,32 +1,38 @@
 """Deterministic rewards and judges for the pipeline tests (sft, reward, dpo, evaluate): real functions, passed by
-name as `--reward-fn tests/pipeline_fns.py:NAME` or `--judge-fn tests/pipeline_fns.py:NAME`."""
+name as `--reward-fn tests/pipeline_fns.py:NAME` or `--judge-fn tests/pipeline_fns.py:NAME`, in TRL's keyword
+convention: rewards f(prompts, completions, **columns), judges f(prompts, completions=[[a, b], ...], **columns)."""
 
 
-def says_ok(prompts: list[str], responses: list[str]) -> list[float]:
+def text(completion) -> str:
+    """A completion as text: a string, or the content of its last message (conversational data)."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def says_ok(prompts: list, completions: list, **kwargs) -> list[float]:
     """1.0 when the response is exactly 'ok' (the demonstration of the SFT test), else 0.0."""
-    return [float(r == "ok") for r in responses]
+    return [float(text(c) == "ok") for c in completions]
 
 
-def response_length(prompts: list[str], responses: list[str]) -> list[float]:
+def response_length(prompts: list, completions: list, **kwargs) -> list[float]:
     """The response's length in characters."""
-    return [float(len(r)) for r in responses]
+    return [float(len(text(c))) for c in completions]
 
 
-def longer_wins(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[str]:
+def longer_wins(prompts: list, completions: list[list[str]], **kwargs) -> list[str]:
     """Judge: the longer response wins; a tie goes to A."""
-    return ["A" if len(a) >= len(b) else "B" for a, b in zip(responses_a, responses_b)]
+    return ["A" if len(a) >= len(b) else "B" for a, b in completions]
 
 
-def always_a(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[str]:
+def always_a(prompts: list, completions: list[list[str]], **kwargs) -> list[str]:
     """Judge that always answers 'A' (measures where the positions put the policy)."""
-    return ["Preferred: A"] * len(responses_a)
+    return ["Preferred: A"] * len(completions)
 
 
-def always_b(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[str]:
-    """Judge that always answers 'B'."""
-    return ["B"] * len(responses_a)
+def always_b(prompts: list, completions: list[list[str]], **kwargs) -> list[int]:
+    """Judge that always prefers B, answering as TRL's pairwise judges do: the index 1."""
+    return [1] * len(completions)
 
 
-def no_answer(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[str]:
+def no_answer(prompts: list, completions: list[list[str]], **kwargs) -> list[str]:
     """Judge whose answers name neither A nor B (each pair counts as a tie)."""
-    return ["I cannot decide."] * len(responses_a)
+    return ["I cannot decide."] * len(completions)

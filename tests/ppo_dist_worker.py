@@ -59,7 +59,8 @@ def main(model_dir: str, out_dir: str):
     batch |= ppo.advantages_and_returns(batch, args)
     model = common.wrap_ddp(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
-    scheduler = ppo.make_scheduler(optimizer, args)
+    scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
+                                      args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
     torch.manual_seed(1000 + rank)  # the minibatch order is drawn per rank
     ppo.update(model, optimizer, scheduler, batch, args, device, torch.float32)
     os.makedirs(out_dir, exist_ok=True)

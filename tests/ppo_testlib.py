@@ -9,14 +9,14 @@ import os
 RECORD_ENV = "PPO_TEST_RECORD"  # file the recording reward appends to
 
 
-def recorded_fraction_of_digits(prompts: list[str], responses: list[str]) -> list[float]:
+def recorded_fraction_of_digits(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
     """Fraction of the response's characters that are digits (tests/rewards.py:fraction_of_digits), and each
     scored (prompt, response) appended as a JSON line to $PPO_TEST_RECORD, so a test can see what was scored."""
     if os.environ.get(RECORD_ENV):
         with open(os.environ[RECORD_ENV], "a") as f:
-            for p, r in zip(prompts, responses):
+            for p, r in zip(prompts, completions):
                 f.write(json.dumps({"prompt": p, "response": r}) + "\n")
-    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
+    return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in completions]
 
 
 def write_dataset(path, n: int = 80) -> str:

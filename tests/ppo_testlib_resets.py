@@ -23,8 +23,8 @@ def tiny_rows(tokenizer, completion: str = "hello world") -> list[dict]:
 
 def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[list[int]]:
     """Roll out with every episode reset; check that
-    - the learner's query is exactly prompt + prefix (left-padded), the response keeps width max_new_tokens and the
-      log-probs, values, rewards and advantages cover response tokens only (zero after the EOS);
+    - the learner's query is exactly prompt + prefix (left-padded); prefix + response fit in max_new_tokens (the
+      authors' budget: a reset episode is never longer than a bare one); the log-probs, values, rewards and advantages cover response tokens only (zero after the EOS);
     - the score read prefix + response;
     - in the update, the gradient reaching the final hidden states (the input of the LM head and of the value head)
       is exactly zero at every position before the last context token, i.e. no loss, KL or advantage term reads a
@@ -42,7 +42,7 @@ def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[
     reference = common.freeze(common.load_model(model_dir, torch.device("cpu")))
     scored = []
 
-    def score(prompts, prompt_texts, responses):
+    def score(rows, responses):
         scored.extend(responses)
         return torch.tensor([r.count("a") / max(len(r), 1) + 1.0 for r in responses])
 
@@ -59,7 +59,10 @@ def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[
         prefix = query[len(row["input_ids"]):]
         assert len(prefix) == batch["prefix_length"][i] > 0  # every episode was reset
         assert tokenizer.eos_token_id not in prefix
-        expected = tokenizer.decode(prefix + batch["responses"][i].tolist(), skip_special_tokens=True)
+        # The authors' budget: prefix + response <= max_new_tokens, so no reset episode is longer than a bare one.
+        n = batch["mask"][i].sum().item()
+        assert len(prefix) + n <= width and (batch["mask"][i, width - len(prefix):] == 0).all()
+        expected = tokenizer.decode(prefix + batch["responses"][i, :n].tolist(), skip_special_tokens=True)
         assert scored[i] == expected and scored[i].startswith(tokenizer.decode(prefix))
         prefixes.append(prefix)
 
@@ -71,8 +74,8 @@ def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[
 
     hooks = [m.model.norm.register_forward_hook(keep_grad) for m in (policy, value)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    module.update(model, optimizer, module.make_scheduler(optimizer, args), batch, args, torch.device("cpu"),
-                  torch.float32)
+    scheduler = common.make_scheduler(optimizer, "linear", 0.0, 1)
+    module.update(model, optimizer, scheduler, batch, args, torch.device("cpu"), torch.float32)
     for h in hooks:
         h.remove()
     context = batch["query"].shape[1]  # the last context token is at context - 1: it predicts the first learner token

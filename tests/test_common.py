@@ -56,8 +56,13 @@ def test_eos_cut_mask_and_penalty():
     responses = torch.tensor([[5, 6, 3, 7, 3], [5, 6, 7, 8, 9], [3, 4, 4, 4, 4]])
     assert common.eos_mask(responses, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert common.cut_after_eos(responses, eos, pad).tolist() == [[5, 6, 3, 0, 0], [5, 6, 7, 8, 9], [3, 0, 0, 0, 0]]
-    ended = common.has_eos(responses, eos)
+    ended = common.has_eos(responses, common.eos_mask(responses, eos), eos)
     assert ended.tolist() == [True, False, True]
+    # A per-row budget ends the episode early: row 0's EOS at position 2 lies outside a budget of 2 tokens.
+    budget = torch.tensor([2, 5, 1])
+    within = common.eos_mask(responses, eos, budget)
+    assert within.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert common.has_eos(responses, within, eos).tolist() == [False, False, True]
     scores = common.apply_eos_penalty(torch.tensor([0.5, 2.0, -0.3]), ended, -1.0)
     assert scores.tolist() == pytest.approx([0.5, -1.0, -0.3])
     assert common.apply_eos_penalty(torch.tensor([0.5, 2.0]), ended[:2], None).tolist() == [0.5, 2.0]
@@ -84,7 +89,7 @@ def test_generate_samples_softmax_over_temperature_and_cuts_after_eos(tiny_llama
     assert abs(frequency - p) < 4 * (p * (1 - p) / 400) ** 0.5  # sampled exactly from softmax(logits / T)
     responses = common.generate(model, tokenizer, query[:32], query_mask[:32], max_new_tokens=12, temperature=0.7)
     assert responses.shape == (32, 12)
-    assert common.has_eos(responses, eos).any()
+    assert common.has_eos(responses, common.eos_mask(responses, eos), eos).any()
     after = common.eos_mask(responses, eos) == 0
     assert after.any() and (responses[after] == tokenizer.pad_token_id).all()
     greedy = common.generate(model, tokenizer, query[:4], query_mask[:4], max_new_tokens=12, temperature=0.0)
@@ -92,15 +97,18 @@ def test_generate_samples_softmax_over_temperature_and_cuts_after_eos(tiny_llama
 
 
 def test_load_model_disables_dropout_and_loads_reward_model(tmp_path, tiny_llama):
-    config = json.load(open(f"{tiny_llama}/config.json"))
-    config["attention_dropout"] = 0.5
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     model.config.attention_dropout = 0.5
     model.save_pretrained(tmp_path)
     common.load_tokenizer(tiny_llama).save_pretrained(tmp_path)
+    # the saved folder really asks for dropout, so the 0.0 below is load_model's doing, not the default
+    assert json.load(open(tmp_path / "config.json"))["attention_dropout"] == 0.5
     loaded = common.load_model(str(tmp_path), CPU)
     assert loaded.config.attention_dropout == 0.0
     assert not loaded.training
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():  # even in train mode (the policy is trained in it) two forwards agree: no dropout anywhere
+        assert torch.equal(loaded.train()(input_ids=ids).logits, loaded(input_ids=ids).logits)
     value = common.load_model(str(tmp_path), CPU, cls=AutoModelForSequenceClassification, num_labels=1)
     assert value.score.out_features == 1
 
@@ -222,8 +230,8 @@ def test_evaluate_scores_greedy_responses_from_bare_prompts(tiny_llama, tmp_path
     data = common.tokenize_prompts(common.arithmetic_dataset(num_train=3, num_test=9)["test"], tokenizer, 512)
     seen = []
 
-    def score(prompts, prompt_texts, responses):
-        seen.extend(prompt_texts)
+    def score(rows, responses):
+        seen.extend(r["prompt_text"] for r in rows)
         return torch.tensor([float(len(r)) for r in responses])
 
     result = common.evaluate(model, tokenizer, data, score, max_new_tokens=6, temperature=0.0, batch_size=4,

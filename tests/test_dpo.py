@@ -73,6 +73,6 @@ def test_dpo_learns_a_separable_task(tiny_llama, tmp_path):
 def test_missing_chosen_column_is_one_clear_line(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Q?", "completion": "A."}] * 20)
     with pytest.raises(SystemExit) as error:
-        dpo.main(dpo.Args(model="no/such-model", dataset=data, output_dir=str(tmp_path / "out")))
+        dpo.main(dpo.Args(model="no/such-model", dataset=data, reward_fn=None, output_dir=str(tmp_path / "out")))
     message = str(error.value)
     assert message.startswith("error: ") and "'chosen'" in message and "\n" not in message

@@ -2,6 +2,7 @@
 
 import torch
 
+import common
 import drpo
 from ppo_testlib import check_learning_and_bare_evaluation
 from ppo_testlib_resets import CHI2_999, check_prefix_is_context_only, chi_square
@@ -9,7 +10,7 @@ from ppo_testlib_resets import CHI2_999, check_prefix_is_context_only, chi_squar
 
 def test_reset_points_are_uniform():
     torch.manual_seed(0)
-    k = drpo.reset_points(torch.full((70000,), 8))
+    k = common.reset_points(torch.full((70000,), 8))
     assert k.min() == 1 and k.max() == 7
     assert chi_square(torch.bincount(k, minlength=8)[1:].float()) < CHI2_999[6]
 

@@ -104,6 +104,7 @@ def test_judging_without_reference_responses_is_one_clear_line(tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Q?"}] * 20)
     with pytest.raises(SystemExit) as error:
         evaluate.main(evaluate.Args(policy=["no/such-model"], reference="no/such-model", dataset=data,
+                                    reward_fn="tests/pipeline_fns.py:response_length",
                                     judge_fn="tests/pipeline_fns.py:longer_wins", output_dir=str(tmp_path / "o")))
     message = str(error.value)
     assert message.startswith("error: ") and "'completion'" in message and "\n" not in message

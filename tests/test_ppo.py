@@ -83,5 +83,40 @@ def test_ppo_learns_and_evaluates_from_bare_prompts(tiny_llama, tmp_path, monkey
     (seed 1 gave 0.11 -> 0.92 when written)."""
     from ppo_testlib import check_learning_and_bare_evaluation
 
-    metrics = check_learning_and_bare_evaluation(ppo, tiny_llama, tmp_path, monkeypatch)
-    assert all(m["prefix_length"] == 0 for m in metrics[:-1])  # PPO never resets
+    check_learning_and_bare_evaluation(ppo, tiny_llama, tmp_path, monkeypatch)
+
+
+def test_rollout_starts_every_episode_at_the_bare_prompt(tiny_llama):
+    """The query is exactly the left-padded prompt ids (no prefix), the responses are pi_t's samples from it, and the
+    scorer reads the responses alone."""
+    from datasets import Dataset
+
+    import common
+
+    cpu = torch.device("cpu")
+    tokenizer = common.load_tokenizer(tiny_llama)
+    args = ppo.Args(model=tiny_llama, max_new_tokens=6, micro_batch_size=2, temperature=0.7)
+    policy, reference = common.load_model(tiny_llama, cpu), common.load_model(tiny_llama, cpu)
+    with torch.no_grad():  # sharpen pi_t (= pi_ref): its samples then depend on the context they were drawn from
+        policy.lm_head.weight.mul_(20.0)
+        reference.lm_head.weight.mul_(20.0)
+    model = ppo.PolicyAndValue(policy, ppo.load_value_model(args, cpu))
+    data = Dataset.from_list([{"prompt": p, "completion": " hello"} for p in ["Hi", "Say 12345:", "What?"]])
+    rows = list(common.tokenize_prompts(data, tokenizer, 64))
+    seen = []
+
+    def score(*given):  # either scorer convention: the completions come last
+        seen.append(list(given[-1]))
+        return torch.zeros(len(given[-1]))
+
+    torch.manual_seed(0)
+    batch = ppo.rollout(model, reference, tokenizer, rows, score, args, cpu, torch.float32)
+    query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
+    assert query_mask[0, 0] == 0  # the prompts differ in length, so left padding is exercised
+    assert torch.equal(batch["query"], query) and torch.equal(batch["query_mask"], query_mask)
+    torch.manual_seed(0)
+    assert torch.equal(batch["responses"], common.generate(model.policy, tokenizer, query, query_mask, 6, 0.7))
+    assert seen == [tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)]
+    # pi_t == pi_ref at the start: the policy's per-token log-probs (through PolicyAndValue, in micro-batches of 2)
+    # equal the reference's
+    torch.testing.assert_close(batch["logp_old"], batch["logp_ref"], atol=1e-5, rtol=0)

@@ -14,10 +14,10 @@ from ppo_testlib_resets import CHI2_999, check_prefix_is_context_only, chi_squar
 
 def test_reset_points_are_uniform():
     torch.manual_seed(0)
-    k = ppo_plus.reset_points(torch.full((70000,), 8))  # k in {1..7}
+    k = common.reset_points(torch.full((70000,), 8))  # k in {1..7}
     assert k.min() == 1 and k.max() == 7
     assert chi_square(torch.bincount(k, minlength=8)[1:].float()) < CHI2_999[6]
-    assert ppo_plus.reset_points(torch.tensor([0, 1])).tolist() == [0, 0]  # L < 2: no reset
+    assert common.reset_points(torch.tensor([0, 1])).tolist() == [0, 0]  # L < 2: no reset
 
 
 class ScriptedGuide(torch.nn.Module):
@@ -26,6 +26,7 @@ class ScriptedGuide(torch.nn.Module):
     def __init__(self, keys: list[int], script: torch.Tensor):
         super().__init__()
         self.keys, self.script = keys, script
+        self.generation_config = None  # common.generate swaps a model's own generation config out and back
 
     def generate(self, input_ids, attention_mask, generation_config):
         return torch.cat([input_ids, self.script[[self.keys.index(q) for q in input_ids[:, -1].tolist()]]], 1)

@@ -62,25 +62,53 @@ def test_gradient_step_pushes_the_better_response_up(tiny_llama):
     assert after - before > 0.05  # the log-prob of the better response rose relative to the worse one
 
 
+def writes_one_token(model_dir: str, token: str, tokenizer) -> torch.nn.Module:
+    """The tiny Llama with a constant head: logit 20 for `token`, 0 for every other one, whatever the context. At
+    T = 0.7 it writes `token` with probability 1 - 4e-11 per step, and every model made here gives any *other*
+    token the same log-prob, so a log-ratio between two of them is exactly +-20 / T per token that is one's own."""
+    model = common.load_model(model_dir, CPU)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tokenizer.convert_tokens_to_ids(token)] = 20.0
+    model.lm_head = head
+    return model
+
+
 @pytest.mark.parametrize("mu", ["policy", "reference", "dataset"])
 def test_rollout_pairs_come_from_the_chosen_source(mu, tiny_llama, tmp_path):
+    """pi_t writes only 'P' and pi_ref only 'R', so every response shows which model wrote it."""
     tokenizer = common.load_tokenizer(tiny_llama)
-    policy, reference = common.load_model(tiny_llama, CPU), common.load_model(tiny_llama, CPU)
+    policy, reference = writes_one_token(tiny_llama, "P", tokenizer), writes_one_token(tiny_llama, "R", tokenizer)
     rows = common.tokenize_prompts(common.load_splits(write_prompts(tmp_path / "p.jsonl", 4), "train", "test",
                                                       1)[0], tokenizer, 64)
     rows = [rows[i] for i in range(3)]
-    args = rebel.Args(mu=mu, max_new_tokens=5, kl_coef=0.1)
-    score = common.make_scorer(None, "tests/rewards.py:fraction_of_digits", CPU, torch.float32)
+    args = rebel.Args(mu=mu, max_new_tokens=5, kl_coef=0.1, temperature=0.7)
+    seen = []
+
+    def score(*given):  # either scorer convention: the completions come last
+        seen.append(list(given[-1]))
+        return torch.zeros(len(given[-1]))
+
     torch.manual_seed(0)
     batch = rebel.rollout(policy, reference, tokenizer, rows, score, args, CPU, torch.float32)
+    texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
     assert batch["responses"].shape == (6, 5)
     assert torch.equal(batch["query"][:3], batch["query"][3:])  # y and y' answer the same prompts
+    assert texts[:3] == ["PPPPP"] * 3  # y is always pi_t's
+    pair = {"policy": ["PPPPP"] * 3, "reference": ["RRRRR"] * 3,
+            "dataset": [tokenizer.decode(r["reference_ids"], skip_special_tokens=True) for r in rows]}[mu]
+    assert texts[3:] == pair
     if mu == "dataset":
         expected = common.right_pad([r["reference_ids"] for r in rows], 5, tokenizer.pad_token_id)
         assert torch.equal(batch["responses"][3:], expected)
+    assert seen == [texts]  # one call, scoring y then y'
+    # kl = sum_t ln pi_t - ln pi_ref: +20/T per token for pi_t's 'P', -20/T for pi_ref's 'R', 0 for dataset tokens
+    per_token = 20.0 / 0.7
+    kl_pair = {"policy": 5 * per_token, "reference": -5 * per_token, "dataset": 0.0}[mu]
+    torch.testing.assert_close(batch["kl"], torch.tensor([5 * per_token] * 3 + [kl_pair] * 3), atol=1e-3, rtol=0)
     assert torch.allclose(batch["rewards"], batch["scores"] - 0.1 * batch["kl"])
-    if mu != "reference":  # pi_t == pi_ref at the start, so the KL estimate is exactly 0
-        assert batch["kl"].abs().max() < 1e-5
 
 
 def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
@@ -144,16 +172,17 @@ def test_bad_input_gives_one_clear_error_line_before_loading_a_model(tmp_path):
     result = cli("--no-such-flag")
     assert result.returncode == 2 and "Unrecognized options: --no-such-flag" in result.stderr
     missing = tmp_path / "text.jsonl"
-    missing.write_text('{"text": "hello"}\n')
+    missing.write_text('{"text": "hello"}\n' * 20)
     empty = tmp_path / "empty.csv"
     empty.write_text("prompt\n")
     prompts_only = tmp_path / "prompts.jsonl"
     prompts_only.write_text('{"prompt": "hello"}\n' * 20)
-    cases = [(["--dataset", str(missing)], "needs a 'prompt', 'messages' or 'chosen' column"),
-             (["--dataset", str(empty)], "has no rows"),
+    reward = ["--reward-fn", "tests/rewards.py:fraction_of_a"]
+    cases = [(["--dataset", str(missing), *reward], "needs a 'prompt', 'messages' or 'chosen' column"),
+             (["--dataset", str(empty), *reward], "has no rows"),
              (["--batch-size", "10", "--num-minibatches", "4"], "--batch-size 10 must be a positive multiple"),
              (["--reward-fn", "nowhere:f"], "--reward-fn nowhere:f"),
-             (["--mu", "dataset", "--dataset", str(prompts_only)], "needs a 'completion' or 'chosen' column")]
+             (["--mu", "dataset", "--dataset", str(prompts_only), *reward], "needs a 'completion' or 'chosen' column")]
     for flags, message in cases:
         result = cli("--model", str(tmp_path / "no-such-model"), *flags)
         lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -141,7 +141,7 @@ def test_futures_share_the_history_up_to_turn_h(kind, tiny_llama, tiny_gpt2, tin
         assert batch["keep"][i].item() == float(not same)
     # Rewards: the scores of the dialogues truncated at H; with an EOS penalty, the penalty where a future's answer
     # ran out of tokens (certainly where its turn-h answer did).
-    expected = score(dialogues)
+    expected = score(dialogues, rows * 2)
     assert torch.equal(batch["rewards"], batch["scores"])  # kl_coef 0
     if args.eos_penalty is None:
         assert torch.allclose(batch["scores"], expected)
@@ -186,12 +186,15 @@ def test_arithmetic_user_and_chain_reward():
     right = first + [{"role": "assistant", "content": "12"}, {"role": "user", "content": "Now add 4 to that."},
                      {"role": "assistant", "content": "That gives 16."},
                      {"role": "user", "content": "Now multiply that by 3."}, {"role": "assistant", "content": "48"}]
-    assert refuel.arithmetic_chain_reward([refuel.up_to_turn(right, t) for t in (1, 2, 3)]) == [1.0, 1.0, 1.0]
+    def reward(conversations):  # as make_scorer calls it: TRL's conversational prompts and completions
+        return refuel.arithmetic_chain_reward([c[:-1] for c in conversations], [c[-1:] for c in conversations])
+
+    assert reward([refuel.up_to_turn(right, t) for t in (1, 2, 3)]) == [1.0, 1.0, 1.0]
     # An early mistake costs later turns: 13 + 4 = 17 follows the assistant, not the chain.
     wrong = first + [{"role": "assistant", "content": "13"}, right[2], {"role": "assistant", "content": "17"}]
-    assert refuel.arithmetic_chain_reward([wrong]) == [0.0]
-    assert refuel.arithmetic_chain(first + [{"role": "assistant", "content": "12"}, {"role": "user", "content": asked}]) \
-        in {12 + k for k in range(1, 10)} | {24, 36}
+    assert reward([wrong]) == [0.0]
+    answered = first + [{"role": "assistant", "content": "12"}, {"role": "user", "content": asked}]
+    assert refuel.arithmetic_chain(answered) in {12 + k for k in range(1, 10)} | {24, 36}
     # Follow-ups of many dialogues: about two in three are additions; the chain always parses.
     users = refuel.arithmetic_user([[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(300)])
     assert 0.55 < sum(u.startswith("Now add") for u in users) / 300 < 0.78

@@ -69,14 +69,16 @@ def test_reward_model_learns_a_separable_task_and_loads_as_a_scorer(tiny_gpt2, t
     tokenizer = common.load_tokenizer(str(out))
     prompts = [p for p, _, _ in fresh]
     texts = [common.render_prompt(p, tokenizer) for p in prompts]
-    chosen = score(prompts, texts, [c for _, c, _ in fresh])
-    rejected = score(prompts, texts, [r for _, _, r in fresh])
+    rows = [{"prompt": p, "prompt_text": t} for p, t in zip(prompts, texts)]
+    chosen = score(rows, [c for _, c, _ in fresh])
+    rejected = score(rows, [r for _, _, r in fresh])
     assert (chosen > rejected).float().mean().item() >= 0.95
 
     # --normalize: the training rows' chosen responses score 0 on average through the same loader
     train_pairs = [common.split_preference(r) for r in separable_rows(320, seed=0)[:64]]
     prompts = [p for p, _, _ in train_pairs]
-    normalized = score(prompts, [common.render_prompt(p, tokenizer) for p in prompts], [c for _, c, _ in train_pairs])
+    rows = [{"prompt": p, "prompt_text": common.render_prompt(p, tokenizer)} for p in prompts]
+    normalized = score(rows, [c for _, c, _ in train_pairs])
     assert abs(normalized.mean().item()) < 1e-4
     assert json.loads((out / "config.json").read_text())["reward_offset"] != 0.0
 

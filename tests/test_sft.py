@@ -86,6 +86,6 @@ def test_tiny_model_learns_its_demonstration(tiny_llama, tmp_path):
 def test_missing_completion_column_is_one_clear_line(tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}] * 20)
     with pytest.raises(SystemExit) as error:
-        sft.main(sft.Args(model="no/such-model", dataset=data, output_dir=str(tmp_path / "out")))
+        sft.main(sft.Args(model="no/such-model", dataset=data, reward_fn=None, output_dir=str(tmp_path / "out")))
     message = str(error.value)
     assert message.startswith("error: ") and "'completion'" in message and "\n" not in message
