@@ -805,7 +805,7 @@ def make_logger(output_dir: str, report_to: str, config: dict):
         return lambda metrics, step: None
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "metrics.jsonl")
-    open(path, "w").close()
+    started = []  # metrics.jsonl is rewritten at the first log, so a run stopped before it keeps an earlier file
     writer = None
     if report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
@@ -820,8 +820,9 @@ def make_logger(output_dir: str, report_to: str, config: dict):
         from tqdm import tqdm
 
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        with open(path, "a") as f:
+        with open(path, "a" if started else "w") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        started.append(step)
         if writer is not None:
             for key, value in metrics.items():
                 writer.add_scalar(key, value, step)

@@ -216,8 +216,8 @@ def main(args: Args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == num_steps:
-            values = common.all_reduce_mean(torch.stack(stats).mean(0)).tolist()
-            log(dict(zip(STAT_NAMES, values)) | {"lr": scheduler.get_last_lr()[0]}, step)
+            log(common.mean_over_ranks(dict(zip(STAT_NAMES, torch.stack(stats).mean(0))), device)
+                | {"lr": scheduler.get_last_lr()[0]}, step)
             stats = []
 
     after = evaluate()

@@ -14,8 +14,9 @@ a random order (fixed by --seed: position bias cancels out) and answers A or B; 
 a tie (half a win). The judge is any chat model through transformers (--judge-model, prompted with --judge-prompt,
 by default the DPO paper's TL;DR summary-comparison prompt) or a Python function (--judge-fn module:function, called
 with keywords as reward functions are: f(prompts, completions, **dataset_columns) -> answers, completions a list
-of [A, B] pairs, each answer a text naming A or B or, as TRL's pairwise judges return, the index 0 or 1). Writes eval.json (the numbers), samples.jsonl (every response and
-verdict) and, with several policies and matplotlib installed, reward_vs_kl.png.
+of [A, B] pairs, each answer a text naming A or B or, as TRL's pairwise judges return, the index 0 or 1). Writes
+eval.json (the numbers), samples.jsonl (every response and verdict) and, with several policies and matplotlib
+installed, reward_vs_kl.png.
 
     python evaluate.py --policy runs/sft runs/rebel --reference runs/sft --reward-model runs/reward \
         --judge-model HuggingFaceTB/SmolLM2-135M-Instruct
@@ -142,9 +143,9 @@ def win_rate(judge, prompts: list[str], responses: list[str], references: list[s
     policy_is_a = [rng.random() < 0.5 for _ in responses]
     a = [r if first else ref for r, ref, first in zip(responses, references, policy_is_a)]
     b = [ref if first else r for r, ref, first in zip(responses, references, policy_is_a)]
-    answers = judge(prompts=prompts, completions=[[x, y] for x, y in zip(a, b)], **(columns or {}))
+    answers = list(judge(prompts=prompts, completions=[[x, y] for x, y in zip(a, b)], **(columns or {})))
     if len(answers) != len(prompts):
-        common.fail(f"the judge returned {len(answers)} answers for {len(prompts)} pairs")
+        common.fail(f"--judge-fn/--judge-model: the judge returned {len(answers)} answers for {len(prompts)} pairs")
     choices = [parse_choice(answer) for answer in answers]
     wins = [0.5 if c is None else float((c == "A") == first) for c, first in zip(choices, policy_is_a)]
     return {"win_rate": sum(wins) / max(len(wins), 1), "ties": choices.count(None), "policy_is_a": policy_is_a,

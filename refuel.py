@@ -416,8 +416,8 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype)
             optimizer.zero_grad(set_to_none=True)
     target, keep = batch["rewards"][:b] - batch["rewards"][b:], batch["keep"].bool()
     corr = torch.corrcoef(torch.stack([predicted[keep], target[keep]]))[0, 1] if keep.sum() > 1 else torch.tensor(0.)
-    return {"loss": torch.stack(losses).sum() / (args.num_passes * args.num_minibatches), "reward_diff": target[keep].abs().sum() / keep.sum().clamp(min=1),
-            "regression_corr": corr.nan_to_num(0.0)}
+    return {"loss": torch.stack(losses).sum() / (args.num_passes * args.num_minibatches),
+            "reward_diff": target[keep].abs().sum() / keep.sum().clamp(min=1), "regression_corr": corr.nan_to_num(0.0)}
 
 
 @torch.no_grad()

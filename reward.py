@@ -179,8 +179,8 @@ def main(args: Args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == num_steps:
-            loss, acc, margin = common.all_reduce_mean(torch.stack(stats).mean(0)).tolist()
-            log({"loss": loss, "accuracy": acc, "margin": margin, "lr": scheduler.get_last_lr()[0]}, step)
+            log(common.mean_over_ranks(dict(zip(("loss", "accuracy", "margin"), torch.stack(stats).mean(0))), device)
+                | {"lr": scheduler.get_last_lr()[0]}, step)
             stats = []
 
     after = evaluate()

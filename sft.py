@@ -174,8 +174,8 @@ def main(args: Args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == num_steps:
-            log({"loss": common.all_reduce_mean(torch.stack(losses).mean()).item(),
-                 "lr": scheduler.get_last_lr()[0]}, step)
+            log(common.mean_over_ranks({"loss": torch.stack(losses).mean()}, device)
+                | {"lr": scheduler.get_last_lr()[0]}, step)
             losses = []
 
     after = evaluate()

@@ -24,7 +24,8 @@ def tiny_rows(tokenizer, completion: str = "hello world") -> list[dict]:
 def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[list[int]]:
     """Roll out with every episode reset; check that
     - the learner's query is exactly prompt + prefix (left-padded); prefix + response fit in max_new_tokens (the
-      authors' budget: a reset episode is never longer than a bare one); the log-probs, values, rewards and advantages cover response tokens only (zero after the EOS);
+      authors' budget: a reset episode is never longer than a bare one); the log-probs, values, rewards and
+      advantages cover response tokens only (zero after the EOS);
     - the score read prefix + response;
     - in the update, the gradient reaching the final hidden states (the input of the LM head and of the value head)
       is exactly zero at every position before the last context token, i.e. no loss, KL or advantage term reads a

@@ -33,8 +33,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS
 REWARDS = os.path.join(ROOT, "tests", "rewards.py")
 FRACTION_OF_A = f"{REWARDS}:fraction_of_a"
 TRAINING = [rebel, ppo, ppo_plus, drpo, refuel, sft, dpo, reward]
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-FAKE_MODEL = {"config.json": b'{"fake": "a model saved by an earlier run"}\n', "model.safetensors": b"earlier weights"}
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl")
+FAKE_MODEL = {"config.json": b'{"fake": "a model saved by an earlier run"}\n', "model.safetensors": b"earlier weights",
+              "metrics.jsonl": b'{"step": 1, "loss": 0.5}\n'}  # the earlier run's metrics survive too
 
 # What a user might put in a file passed as --reward-fn, --user-fn or --judge-fn (line numbers matter: see `line_of`).
 USER_FUNCTIONS = '''\
@@ -51,11 +52,11 @@ def inf(prompts, completions, **kwargs):
 
 
 def boom(prompts, completions, **kwargs):
-    raise ValueError("bad row")
+    raise ValueError("bad row")  # boom raises here
 
 
 def boom_user(conversations):
-    raise ValueError("bad row")
+    raise ValueError("bad row")  # boom_user raises here
 '''
 
 
@@ -219,6 +220,24 @@ def test_nan_loss_stops_without_saving(tiny_llama, tmp_path, monkeypatch):
     assert_nothing_saved(out, earlier=True)
 
 
+@pytest.mark.parametrize("module, loss_fn", [(sft, "sft_loss"), (dpo, "pair_stats"), (reward, "pairwise_loss")],
+                         ids=lambda x: getattr(x, "__name__", x))
+def test_nan_loss_stops_sft_dpo_and_reward_without_saving(module, loss_fn, tiny_llama, tiny_gpt2, tmp_path,
+                                                          monkeypatch):
+    real = getattr(module, loss_fn)
+    monkeypatch.setattr(module, loss_fn, lambda *a, **k: real(*a, **k) * float("nan"))
+    out = tmp_path / "out"
+    fake_earlier_model(out)
+    data = write_prompts(tmp_path / "p.jsonl", 40) if module is sft else write_pairs(tmp_path / "p.jsonl", 40)
+    flags = dict(num_epochs=0.1, batch_size=4, log_every=100) | ({"num_eval_prompts": 4} if module is sft else
+                                                                 {"num_eval_pairs": 4})
+    flags |= {"reward_fn": None} if module is not reward else {}
+    error = main_error(module, model=tiny_gpt2 if module is reward else tiny_llama, dataset=data, output_dir=str(out),
+                       **flags)
+    assert "loss is nan" in error.code, error.code
+    assert_nothing_saved(out, earlier=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 6. the default (embedded-task) reward on another dataset; 7. an --output-dir that cannot be written
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,8 +268,10 @@ def test_output_dir_that_cannot_be_written(module, tmp_path):
 # 8. an exception inside a user's function: one line naming the flag, the error and where it was raised
 # ----------------------------------------------------------------------------------------------------------------
 def assert_names_the_raise(error: SystemExit, flag: str, spec: str, function: str):
-    assert error.code.startswith(f"error: {flag} {spec} raised ValueError: bad row"), error.code
-    assert f"(at user_fns.py:{line_of(function)})" in error.code, error.code
+    """One line: the flag and its value, the exception's type and message, the file and line that raised it; the
+    exception itself (with its traceback) stays attached as the cause."""
+    assert error.code == \
+        f"error: {flag} {spec} raised ValueError: bad row (at user_fns.py:{line_of(f'# {function} raises here')})"
     assert isinstance(error.__cause__, ValueError) and str(error.__cause__) == "bad row"
 
 
@@ -258,7 +279,7 @@ def test_reward_fn_that_raises(tiny_llama, tmp_path, user_fns):
     out, spec = tmp_path / "out", f"{user_fns}:boom"
     fake_earlier_model(out)
     error = main_error(rebel, **tiny_rebel(tiny_llama, write_prompts(tmp_path / "p.jsonl", 40), out, reward_fn=spec))
-    assert_names_the_raise(error, "--reward-fn", spec, 'raise ValueError("bad row")')
+    assert_names_the_raise(error, "--reward-fn", spec, "boom")
     assert_nothing_saved(out, earlier=True)
 
 
@@ -268,21 +289,16 @@ def test_refuel_user_fn_that_raises(tiny_llama, tmp_path, user_fns):
                        reward_fn=f"{REWARDS}:dialogue_fraction_of_a", output_dir=str(out), max_turns=2,
                        num_iterations=1, batch_size=2, num_passes=1, num_minibatches=1, grad_accum_steps=1,
                        num_eval_prompts=2, max_new_tokens=4, micro_batch_size=8)
-    # the first `raise` after `def boom_user` is its own
-    lines = USER_FUNCTIONS.splitlines()
-    where = next(i for i in range(line_of("def boom_user"), len(lines) + 1) if "raise" in lines[i - 1])
-    assert error.code.startswith(f"error: --user-fn {spec} raised ValueError: bad row"), error.code
-    assert f"(at user_fns.py:{where})" in error.code, error.code
-    assert isinstance(error.__cause__, ValueError)
+    assert_names_the_raise(error, "--user-fn", spec, "boom_user")
     assert_nothing_saved(out)
 
 
 def test_evaluate_judge_fn_that_raises(tiny_llama, tmp_path, user_fns):
     out, spec = tmp_path / "out", f"{user_fns}:boom"
-    error = main_error(evaluate, policy=[tiny_llama], reference=tiny_llama, dataset=write_prompts(tmp_path / "p.jsonl", 40),
-                       reward_fn=FRACTION_OF_A, judge_fn=spec, num_prompts=2, max_new_tokens=4,
+    error = main_error(evaluate, policy=[tiny_llama], reference=tiny_llama, judge_fn=spec, reward_fn=FRACTION_OF_A,
+                       dataset=write_prompts(tmp_path / "p.jsonl", 40), num_prompts=2, max_new_tokens=4,
                        output_dir=str(out))
-    assert_names_the_raise(error, "--judge-fn", spec, 'raise ValueError("bad row")')
+    assert_names_the_raise(error, "--judge-fn", spec, "boom")
     assert not out.exists()  # no eval.json or samples.jsonl from a run that did not finish
 
 
@@ -291,7 +307,7 @@ def test_cli_reward_fn_that_raises_prints_one_line(tiny_llama, tmp_path, user_fn
     out, spec = tmp_path / "out", f"{user_fns}:boom"
     flags = tiny_rebel(tiny_llama, write_prompts(tmp_path / "p.jsonl", 40), out, reward_fn=spec)
     line = cli_error("rebel.py", *[x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))])
-    assert line == f"error: --reward-fn {spec} raised ValueError: bad row (at user_fns.py:{line_of('raise Value')})"
+    assert line == f"error: --reward-fn {spec} raised ValueError: bad row (at user_fns.py:{line_of('# boom raises')})"
     assert_nothing_saved(out)
 
 
