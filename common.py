@@ -2,8 +2,8 @@
 
 Read top to bottom, this file is the RLHF plumbing: distributed setup, model and tokenizer loading (including the
 embedded offline default model), data in TRL's formats, sampling, log-probs, rewards, evaluation, logging and
-saving. The algorithms themselves live in their own scripts (rebel.py, ppo.py, ...). See ../shared/ALGORITHMS.md for
-the facts each helper implements.
+saving. The algorithms themselves live in their own scripts (rebel.py, ppo.py, ...); docs/algorithms.md states the
+facts each helper implements.
 
 Notation: a *query* is a left-padded batch of prompt tokens; a *response* is a right-padded batch of sampled tokens
 of fixed width `max_new_tokens`, cut after the first EOS (padding after it).

@@ -95,7 +95,7 @@ class Args:
     vf_coef: float = 0.1
     """weight of the value loss"""
     whiten_rewards: bool = False
-    """whiten the per-token rewards (scale only) over the batch before GAE (DR-PO's TL;DR config: on)"""
+    """whiten the per-token rewards (scale only) over the batch before GAE (the authors' TL;DR PPO and DR-PO: on)"""
     temperature: float = 0.7
     """sampling temperature for training (log-probs use the same temperature)"""
     eval_temperature: float = 0.0
