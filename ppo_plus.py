@@ -63,7 +63,7 @@ class Args:
     reward_model: str | None = None
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn. The
     value model starts from it, so it must share the policy's tokenizer"""
-    reward_fn: str = "common:arithmetic_reward"
+    reward_fn: str = "embedded:arithmetic_reward"
     """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
     **dataset_columns) -> list of floats"""
     dataset: str = common.ARITHMETIC

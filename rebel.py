@@ -39,7 +39,7 @@ class Args:
     """policy to train (hub id or local folder); it is also pi_ref, the frozen reference"""
     reward_model: str | None = None
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn"""
-    reward_fn: str = "common:arithmetic_reward"
+    reward_fn: str = "embedded:arithmetic_reward"
     """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
     **dataset_columns) -> list of floats"""
     dataset: str = common.ARITHMETIC

@@ -33,7 +33,6 @@ turn H is right, so an early mistake costs every later turn.
 """
 
 import random
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,7 +54,7 @@ class Args:
     """policy to train (hub id or local folder, a chat model: dialogues go through its chat template)"""
     user_model: str | None = None
     """LLM user: a chat model (hub id or folder) that writes the user's next message; if unset, --user-fn"""
-    user_fn: str = "refuel:arithmetic_user"
+    user_fn: str = "embedded:arithmetic_user"
     """rule user `module:function` or `file.py:function`, f(conversations) -> list of next user messages"""
     user_prompt: str = USER_PROMPT
     """instruction the LLM user reads; {conversation} is replaced by the dialogue as a 'User: ... Assistant: ...'
@@ -69,7 +68,7 @@ class Args:
     reward_model: str | None = None
     """reward model over the whole dialogue (one-label AutoModelForSequenceClassification, read through its own chat
     template); if unset, --reward-fn"""
-    reward_fn: str = "refuel:arithmetic_chain_reward"
+    reward_fn: str = "embedded:arithmetic_chain_reward"
     """reward function `module:function` or `file.py:function`, called as TRL calls one on conversational data:
     f(prompts, completions, **dataset_columns) -> list of floats, prompts = each dialogue up to the user's turn-H
     message, completions = the assistant's turn-H answer as [{"role": "assistant", "content": ...}]"""
@@ -142,49 +141,6 @@ def check_args(args: Args, world_size: int):
     if "{conversation}" not in args.user_prompt:
         common.fail("--user-prompt must contain {conversation}")
     common.check_shared_flags(args)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The embedded task: arithmetic over turns (rule user and reward)
-# ----------------------------------------------------------------------------------------------------------------
-FOLLOW_UPS = {r"Now add (\d+) to that\.": lambda value, k: value + k,
-              r"Now multiply that by (\d+)\.": lambda value, k: value * k}
-
-
-def arithmetic_user(conversations: list[list[dict]]) -> list[str]:
-    """Rule user of the embedded task: a follow-up on the assistant's last answer, "Now add k to that." (k in 1..9,
-    two times in three) or "Now multiply that by k." (k in 2, 3). Chosen by the first question and the turn, so
-    every evaluation asks the same follow-ups whatever the assistant answered."""
-    messages = []
-    for conversation in conversations:
-        users = [m["content"] for m in conversation if m["role"] == "user"]
-        rng = random.Random(f"{users[0]}|{len(users)}")
-        add = rng.random() < 2 / 3
-        messages.append(f"Now add {rng.randint(1, 9)} to that." if add else
-                        f"Now multiply that by {rng.choice([2, 3])}.")
-    return messages
-
-
-def arithmetic_chain(conversation: list[dict]) -> int | None:
-    """The right answer after the conversation's user turns: the first question, then each follow-up in order."""
-    users = [m["content"] for m in conversation if m["role"] == "user"]
-    value = common.arithmetic_answer(users[0]) if users else None
-    for message in users[1:]:
-        found = [(op, match) for pattern, op in FOLLOW_UPS.items() if (match := re.search(pattern, message))]
-        if value is None or not found:
-            return None
-        op, match = found[0]
-        value = op(value, int(match.group(1)))
-    return value
-
-
-def arithmetic_chain_reward(prompts: list[list[dict]], completions: list[list[dict]], **kwargs) -> list[float]:
-    """Reward of the embedded task: 1.0 if the last answer's last number is the right value of the whole chain."""
-    rewards = []
-    for prompt, completion in zip(prompts, completions):
-        answer, truth = common.last_number(completion[-1]["content"]), arithmetic_chain(prompt)
-        rewards.append(float(truth is not None and answer == truth))
-    return rewards
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class Args:
     """responses (EOS included) are cut to this many tokens; paper (TL;DR): 53"""
     reward_model: str | None = None
     """reward model used to score greedy responses before and after training; if unset, --reward-fn"""
-    reward_fn: str | None = "common:arithmetic_reward"
+    reward_fn: str | None = "embedded:arithmetic_reward"
     """reward function `module:function` for the eval score; None: report only the eval loss"""
     max_new_tokens: int = 16
     """response length when sampling for the eval score"""

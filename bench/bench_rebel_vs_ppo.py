@@ -35,7 +35,7 @@ import common  # noqa: E402
 class Args:
     model: str = common.EMBEDDED_MODEL
     """policy (and reference) for both algorithms; PPO's value model starts from it"""
-    reward_fn: str = "common:arithmetic_reward"
+    reward_fn: str = "embedded:arithmetic_reward"
     """reward function of both algorithms"""
     dataset: str = common.ARITHMETIC
     """prompts (the same ones for both)"""

@@ -8,6 +8,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import common
+import embedded
 
 CPU = torch.device("cpu")
 
@@ -129,7 +130,7 @@ def test_reward_model_reads_last_real_token_when_pad_is_eos(tiny_reward_model):
 
 
 def test_reward_fn_from_module_and_file(tmp_path):
-    f = common.load_reward_fn("common:arithmetic_reward")
+    f = common.load_reward_fn("embedded:arithmetic_reward")
     assert f(["What is 3 * 4? Answer with just the number."] * 2, ["It is 12.", "13"]) == [1.0, 0.0]
     path = tmp_path / "my_reward.py"
     path.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
@@ -141,7 +142,7 @@ def test_reward_fn_from_module_and_file(tmp_path):
 
 
 def test_arithmetic_task_is_held_out_and_scored():
-    data = common.arithmetic_dataset(num_train=600, num_test=150)
+    data = embedded.arithmetic_dataset(num_train=600, num_test=150)
     train = {row["prompt"][0]["content"] for row in data["train"]}
     test = [row["prompt"][0]["content"] for row in data["test"]]
     assert len(test) == 150 and not train & set(test)
@@ -149,9 +150,9 @@ def test_arithmetic_task_is_held_out_and_scored():
     assert kinds == [50, 50]
     row = data["test"][0]
     answer = row["completion"][0]["content"]
-    assert common.arithmetic_reward([row["prompt"][0]["content"]] * 3, [answer, f"So: {answer}", "0.5"]) == \
+    assert embedded.arithmetic_reward([row["prompt"][0]["content"]] * 3, [answer, f"So: {answer}", "0.5"]) == \
         [1.0, 1.0, float(answer == "5")]
-    assert common.last_number("1,234 apples") == 1234 and common.last_number("none") is None
+    assert embedded.last_number("1,234 apples") == 1234 and embedded.last_number("none") is None
 
 
 @pytest.mark.parametrize("row, prompt, reference", [
@@ -227,7 +228,7 @@ def test_save_model_round_trips(tmp_path, tiny_llama):
 
 def test_evaluate_scores_greedy_responses_from_bare_prompts(tiny_llama, tmp_path):
     model, tokenizer = common.load_model(tiny_llama, CPU), common.load_tokenizer(tiny_llama)
-    data = common.tokenize_prompts(common.arithmetic_dataset(num_train=3, num_test=9)["test"], tokenizer, 512)
+    data = common.tokenize_prompts(embedded.arithmetic_dataset(num_train=3, num_test=9)["test"], tokenizer, 512)
     seen = []
 
     def score(rows, responses):

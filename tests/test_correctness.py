@@ -13,6 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 import common
+import embedded
 import dpo
 import evaluate
 import drpo
@@ -200,9 +201,9 @@ def last_answer(prompts, completions, answer, **kwargs):
 
 def test_the_embedded_rewards_are_trl_style_functions():
     prompt = [{"role": "user", "content": "What is 7 + 5? Answer with just the number."}]
-    assert common.arithmetic_reward([prompt, prompt], [[{"role": "assistant", "content": "12"}],
+    assert embedded.arithmetic_reward([prompt, prompt], [[{"role": "assistant", "content": "12"}],
                                                        [{"role": "assistant", "content": "13"}]]) == [1.0, 0.0]
-    assert common.arithmetic_reward(["What is 2 * 3?"], ["It is 6"], answer=["6"]) == [1.0]
+    assert embedded.arithmetic_reward(["What is 2 * 3?"], ["It is 6"], answer=["6"]) == [1.0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

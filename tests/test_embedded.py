@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import embedded
 
 CPU = torch.device("cpu")
 
@@ -35,7 +36,7 @@ def test_hub_reachable_asks_the_hub_once_within_its_timeout(monkeypatch):
         return opened[-1]
 
     monkeypatch.setattr(socket, "create_connection", connects)
-    assert common.hub_reachable(timeout=0.3) is True
+    assert embedded.hub_reachable(timeout=0.3) is True
     assert len(opened) == 1 and opened[0].address[1] == 443 and "huggingface" in opened[0].address[0]
     assert opened[0].timeout == 0.3 and opened[0].closed  # bounded by the caller's timeout, and not leaked
 
@@ -43,7 +44,7 @@ def test_hub_reachable_asks_the_hub_once_within_its_timeout(monkeypatch):
         raise ConnectionRefusedError("no route to the hub")
 
     monkeypatch.setattr(socket, "create_connection", refused)
-    assert common.hub_reachable(timeout=0.3) is False
+    assert embedded.hub_reachable(timeout=0.3) is False
 
     def hangs(address, timeout=None, *args, **kwargs):  # a dead network: connect gives up only after `timeout`
         time.sleep(5.0 if timeout is None else min(timeout, 5.0))
@@ -51,7 +52,7 @@ def test_hub_reachable_asks_the_hub_once_within_its_timeout(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", hangs)
     start = time.time()
-    assert common.hub_reachable(timeout=0.3) is False
+    assert embedded.hub_reachable(timeout=0.3) is False
     assert time.time() - start < 1.5  # answered within its timeout (plus slack for busy cores), not after 5 s
 
 
@@ -61,11 +62,11 @@ def test_hub_reachable_honours_hf_hub_offline_without_touching_the_network(value
     if offline:
         monkeypatch.setattr(socket, "create_connection", no_network)
         start = time.time()
-        assert common.hub_reachable() is False
+        assert embedded.hub_reachable() is False
         assert time.time() - start < 0.5
     else:  # "0" / "false" mean online: the hub is asked
         monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: Connection(address, timeout))
-        assert common.hub_reachable() is True
+        assert embedded.hub_reachable() is True
 
 
 def test_model_resolution_leaves_other_names_alone_without_asking_the_hub(tmp_path, monkeypatch):
@@ -84,9 +85,9 @@ def test_embedded_model_converts_from_the_wheel_and_solves_arithmetic(tmp_path, 
     model, tokenizer = common.load_model(path, CPU), common.load_tokenizer(common.EMBEDDED_MODEL)
     assert "quantization_config" not in model.config.to_dict()
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template is not None
-    data = common.arithmetic_dataset(num_test=48)["test"]
+    data = embedded.arithmetic_dataset(num_test=48)["test"]
     data = common.tokenize_prompts(data, tokenizer, max_prompt_length=512)
-    score = common.make_scorer(None, "common:arithmetic_reward", CPU, torch.float32)
+    score = common.make_scorer(None, "embedded:arithmetic_reward", CPU, torch.float32)
     result = common.evaluate(model, tokenizer, data, score, max_new_tokens=16, temperature=0.0, batch_size=48,
                              device=CPU)
     assert result["score"] > 0.25

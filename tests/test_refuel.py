@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import embedded
 import refuel
 
 REWARDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rewards.py")
@@ -181,22 +182,22 @@ def test_loss_is_the_rebel_regression_on_kept_pairs():
 # ----------------------------------------------------------------------------------------------------------------
 def test_arithmetic_user_and_chain_reward():
     first = [{"role": "user", "content": "What is 7 + 5? Answer with just the number."}]
-    asked = refuel.arithmetic_user([first + [{"role": "assistant", "content": "12"}]])[0]
-    assert asked == refuel.arithmetic_user([first + [{"role": "assistant", "content": "99"}]])[0]  # same follow-up
+    asked = embedded.arithmetic_user([first + [{"role": "assistant", "content": "12"}]])[0]
+    assert asked == embedded.arithmetic_user([first + [{"role": "assistant", "content": "99"}]])[0]  # same follow-up
     right = first + [{"role": "assistant", "content": "12"}, {"role": "user", "content": "Now add 4 to that."},
                      {"role": "assistant", "content": "That gives 16."},
                      {"role": "user", "content": "Now multiply that by 3."}, {"role": "assistant", "content": "48"}]
     def reward(conversations):  # as make_scorer calls it: TRL's conversational prompts and completions
-        return refuel.arithmetic_chain_reward([c[:-1] for c in conversations], [c[-1:] for c in conversations])
+        return embedded.arithmetic_chain_reward([c[:-1] for c in conversations], [c[-1:] for c in conversations])
 
     assert reward([refuel.up_to_turn(right, t) for t in (1, 2, 3)]) == [1.0, 1.0, 1.0]
     # An early mistake costs later turns: 13 + 4 = 17 follows the assistant, not the chain.
     wrong = first + [{"role": "assistant", "content": "13"}, right[2], {"role": "assistant", "content": "17"}]
     assert reward([wrong]) == [0.0]
     answered = first + [{"role": "assistant", "content": "12"}, {"role": "user", "content": asked}]
-    assert refuel.arithmetic_chain(answered) in {12 + k for k in range(1, 10)} | {24, 36}
+    assert embedded.arithmetic_chain(answered) in {12 + k for k in range(1, 10)} | {24, 36}
     # Follow-ups of many dialogues: about two in three are additions; the chain always parses.
-    users = refuel.arithmetic_user([[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(300)])
+    users = embedded.arithmetic_user([[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(300)])
     assert 0.55 < sum(u.startswith("Now add") for u in users) / 300 < 0.78
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import embedded
 import reward
 
 
@@ -92,11 +93,11 @@ def test_missing_rejected_column_is_one_clear_line(tmp_path):
 
 
 def test_embedded_preferences_pair_a_right_and_a_wrong_answer():
-    data = common.arithmetic_preferences()
-    assert data["test"]["prompt"] == common.arithmetic_dataset()["test"]["prompt"]  # same held-out questions
+    data = embedded.arithmetic_preferences()
+    assert data["test"]["prompt"] == embedded.arithmetic_dataset()["test"]["prompt"]  # same held-out questions
     for row in data["train"].select(range(200)):
         text = row["prompt"][0]["content"]
         right, wrong = row["chosen"][0]["content"], row["rejected"][0]["content"]
-        assert common.arithmetic_reward([text, text], [right, wrong]) == [1.0, 0.0]
+        assert embedded.arithmetic_reward([text, text], [right, wrong]) == [1.0, 0.0]
         assert 0 <= int(wrong) and abs(int(wrong) - int(right)) in (1, 2, 10)
-    assert common.arithmetic_preferences()["train"][:50] == data["train"][:50]  # deterministic
+    assert embedded.arithmetic_preferences()["train"][:50] == data["train"][:50]  # deterministic
