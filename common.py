@@ -10,6 +10,7 @@ of fixed width `max_new_tokens`, cut after the first EOS (padding after it).
 """
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -157,19 +158,16 @@ def no_sync_unless(model: torch.nn.Module, sync: bool):
     return model.no_sync()
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for the trained model when a half dtype is asked for (fp32 master weights)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Models and tokenizers: a hub id or a local path; the embedded default works offline
 # ----------------------------------------------------------------------------------------------------------------
-def parse_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: 'auto' is bfloat16 on GPU and float32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def precision(name: str, device: torch.device) -> tuple[torch.dtype, functools.partial]:
+    """--dtype as (dtype, amp), built once per run. `with amp():` runs the policy and the reference, both float32
+    weights, in mixed precision at `dtype` (a fresh autocast context at each use); frozen side models (reward model,
+    LLM user, judge) load their weights in `dtype`. 'auto' is bfloat16 on GPU and float32 on CPU."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return dtype, functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def resolve_model(name: str) -> str:
@@ -209,11 +207,6 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model.eval()
-
-
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    """Turn off gradients (reference and reward models)."""
-    return model.requires_grad_(False)
 
 
 def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
@@ -453,39 +446,29 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
     return cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
-def response_logits(model, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
-                    response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits / T that predict each response token [B, R, V], from one forward of query + response.
+def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+             response_mask: torch.Tensor, temperature: float, micro_batch: int | None = None,
+             entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """ln pi(response_t | query, response_<t) at temperature T for every response token, 0 off the mask ([B, R]);
+    sum over dim 1 for a sequence's log-prob. entropy=True also returns each position's entropy (a statistic: no
+    gradient). micro_batch splits the batch into forwards of that many sequences (no-grad passes).
 
-    Position ids come from the attention mask, so left padding does not shift positions; only the last R+1 logits
-    are computed (logits_to_keep), which skips the vocabulary projection over the prompt."""
-    ids = torch.cat([query, response], 1)
-    mask = torch.cat([query_mask, response_mask], 1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=response.shape[1] + 1,
-                use_cache=False)
-    return out.logits[:, :-1].float() / temperature
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position, 0 where mask is 0 ([B, R])."""
-    logp = torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    return logp * mask
-
-
-def response_logprobs(model, query, query_mask, response, response_mask, temperature) -> torch.Tensor:
-    """Per-token log-probs of the response tokens under `model` at temperature T, masked ([B, R]).
-    Sum over dim 1 for the sequence log-prob."""
-    logits = response_logits(model, query, query_mask, response, response_mask, temperature)
-    return token_logprobs(logits, response, response_mask)
-
-
-@torch.no_grad()
-def batched_logprobs(model, query, query_mask, response, response_mask, temperature, micro_batch: int):
-    """response_logprobs without gradient, in micro-batches (old policy and reference log-probs)."""
-    return torch.cat([response_logprobs(model, query[i:i + micro_batch], query_mask[i:i + micro_batch],
-                                        response[i:i + micro_batch], response_mask[i:i + micro_batch], temperature)
-                      for i in range(0, len(query), micro_batch)])
+    One forward of query + response: position ids come from the attention mask, so left padding does not shift
+    positions, and only the last R+1 positions go through the LM head (logits_to_keep)."""
+    if micro_batch is not None and len(query) > micro_batch:
+        parts = [logprobs(model, query[i:i + micro_batch], query_mask[i:i + micro_batch], response[i:i + micro_batch],
+                          response_mask[i:i + micro_batch], temperature, None, entropy)
+                 for i in range(0, len(query), micro_batch)]
+        return tuple(torch.cat(p) for p in zip(*parts)) if entropy else torch.cat(parts)
+    ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                logits_to_keep=response.shape[1] + 1, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature  # the shift: the logits at position t predict response[:, t]
+    logp = (torch.gather(logits, 2, response.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)) * response_mask
+    if not entropy:
+        return logp
+    with torch.no_grad():
+        return logp, torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -609,7 +592,8 @@ def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, 
 
     tokenizer = load_tokenizer(reward_model)
     tokenizer.padding_side = "right"
-    model = freeze(load_model(reward_model, device, dtype, AutoModelForSequenceClassification, num_labels=1))
+    model = load_model(reward_model, device, dtype, AutoModelForSequenceClassification, num_labels=1)
+    model.requires_grad_(False)
 
     def score_model(rows, completions):
         texts = reward_model_texts([r["prompt"] for r in rows], [r["prompt_text"] for r in rows], completions,
@@ -617,13 +601,6 @@ def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, 
         return check_scores(reward_model_scores(model, tokenizer, texts), len(rows), f"--reward-model {reward_model}")
 
     return score_model
-
-
-def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
-    """A response that never emitted EOS gets the fixed `penalty` score instead of its reward (None: no penalty)."""
-    if penalty is None:
-        return scores
-    return torch.where(ended, scores, torch.full_like(scores, penalty))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ gradient per batch: no precomputation pass, no stored table, at the cost of keep
     torchrun --nproc_per_node 8 dpo.py --model runs/sft --dataset trl-lib/tldr-preference ...
 """
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,8 +42,10 @@ class Args:
     """split to evaluate on (if missing, the last rows of train are held out)"""
     num_eval_pairs: int = 150
     """number of held-out pairs (their prompts are also the eval prompts of the eval score)"""
-    output_dir: str = "runs/dpo"
-    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    output_dir: str | None = None
+    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
     seed: int = 1
     """random seed"""
     beta: float = 0.1
@@ -135,8 +138,7 @@ def pair_batch(rows: list[dict], tokenizer, device) -> dict:
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of the response tokens' log-probs at temperature 1 (chosen rows first, then rejected)."""
-    return common.response_logprobs(model, batch["query"], batch["query_mask"], batch["responses"], batch["mask"],
-                                     1.0).sum(1)
+    return common.logprobs(model, batch["query"], batch["query_mask"], batch["responses"], batch["mask"], 1.0).sum(1)
 
 
 def pair_stats(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -152,10 +154,11 @@ STAT_NAMES = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
 
 
 def main(args: Args):
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
     rank, world_size, device = common.setup_distributed()
     check_args(args, world_size)
     common.seed_everything(args.seed, rank)
-    dtype = common.parse_dtype(args.dtype, device)
+    dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs,
@@ -169,7 +172,7 @@ def main(args: Args):
         score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
 
     policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
-    reference = common.freeze(common.load_model(args.model, device))  # fp32 under the same autocast: KL 0
+    reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
     policy = common.wrap_ddp(policy, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
@@ -180,7 +183,7 @@ def main(args: Args):
     def evaluate() -> dict:
         """Held-out DPO loss and implicit-reward accuracy; the eval score of greedy responses."""
         totals, n, model = torch.zeros(len(STAT_NAMES), device=device), 0, common.unwrap(policy)
-        with common.autocast(device, dtype):
+        with amp():
             pairs = max(1, args.micro_batch_size // 2)  # two sequences per pair
             for i in range(0, len(eval_rows), pairs):
                 rows = [eval_rows[j] for j in range(i, min(i + pairs, len(eval_rows)))]
@@ -200,14 +203,14 @@ def main(args: Args):
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
     stats = []
-    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc="dpo"):
+    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc=args.exp_name):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             batch = pair_batch(rows[k * micro:(k + 1) * micro], tokenizer, device)
-            with torch.no_grad(), common.autocast(device, dtype):
+            with torch.no_grad(), amp():
                 logp_ref = sequence_logprobs(reference, batch)
             # chosen and rejected in one forward, so DDP sees one backward per forward
-            with common.no_sync_unless(policy, k == args.grad_accum_steps - 1), common.autocast(device, dtype):
+            with common.no_sync_unless(policy, k == args.grad_accum_steps - 1), amp():
                 logp = sequence_logprobs(policy, batch)
                 step_stats = pair_stats(logp, logp_ref, args.beta)
                 (step_stats[0] / args.grad_accum_steps).backward()

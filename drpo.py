@@ -1,17 +1,12 @@
-"""DR-PO: PPO whose episodes start from prefixes of the dataset's good responses (Chang et al., 2024, "Dataset Reset
-Policy Optimization for RLHF"). Everything but the reset is ppo.py; `diff ppo.py drpo.py` shows the reset.
+"""DR-PO (Chang et al., 2024, "Dataset Reset Policy Optimization for RLHF"): ppo.py whose episodes start from a
+prefix of the dataset's good response y* (`completion`, or `chosen`); `diff ppo.py drpo.py` shows the reset.
 
-The reset. Each prompt x comes with a good response y* (the dataset's `completion`, or `chosen` for preference
-data; y* ends with EOS). With probability --reset-prob (the authors': 1.0) the episode starts at x + y*[:h], h
-uniform over {1, ..., len(y*) - 1}, so the learner always writes at least y*'s last token; otherwise, or when
-len(y*) < 2, at the bare prompt (`dataset_prefixes`, `common.reset_points`). The prefix tokens are context: they
-are appended to the query, with no loss, KL or advantage on them (the authors force them through `generate` and mask
-the policy loss; KL and value terms on prefix positions do not change later advantages, so the policy gradient is
-the same). Prefix and response share one budget of max_new_tokens, as in the authors' code (y* is cut to it first):
-the learner writes at most max_new_tokens - h tokens, so a reset episode is never longer than a bare one. The score
-reads y*[:h] + response. Evaluation always starts at the bare prompt.
-
-PPO, as in ppo.py:
+The reset: with probability --reset-prob (the authors': 1.0) the episode starts at x + y*[:h], h ~ U{1..len(y*)-1},
+so the learner writes at least y*'s last token; otherwise, or when len(y*) < 2, at the bare prompt
+(`dataset_prefixes`). The prefix is context (no loss, KL or advantage: the authors mask only the policy loss, and KL
+and value terms on the prefix do not change later advantages); prefix and response share the max_new_tokens budget,
+as in the authors' code (y* is cut to it first); the score reads y*[:h] + response; evaluation starts at the bare
+prompt.
 
 The same objective as every script here: maximise reward while staying close to the reference policy pi_ref,
 
@@ -44,6 +39,7 @@ Per iteration: roll out -> per-token rewards, GAE, whitening -> PPO epochs over 
     torchrun --nproc_per_node 8 drpo.py --model ... --reward-model ... --dataset ...
 """
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,8 +71,10 @@ class Args:
     """number of held-out prompts evaluated before and after training"""
     reset_prob: float = 1.0
     """probability that an episode starts from a prefix of the dataset's response instead of the bare prompt"""
-    output_dir: str = "runs/drpo"
-    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    output_dir: str | None = None
+    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
     seed: int = 1
     """random seed (each process adds its rank)"""
     num_iterations: int = 12
@@ -197,14 +195,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position ([B, R])."""
-    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The reset: prefixes of the dataset's responses
-# ----------------------------------------------------------------------------------------------------------------
 def dataset_prefixes(rows: list[dict], args: Args) -> list[list[int]]:
     """Each prompt's prefix: y*[:h] with h = common.reset_points(len(y*)) with probability reset_prob, else none
     (y* cut to max_new_tokens, the budget prefix and response share)."""
@@ -224,11 +214,12 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.value = policy, value
 
     def forward(self, query, query_mask, response, response_mask, temperature: float) -> tuple:
-        """(logits / T predicting each response token [B, R, V], V(s_t) before each response token [B, R])."""
-        logits = common.response_logits(self.policy, query, query_mask, response, response_mask, temperature)
+        """(ln pi(a_t|s_t), the entropy of pi(.|s_t), V(s_t)) at each response token ([B, R] each)."""
+        logp, entropy = common.logprobs(self.policy, query, query_mask, response, response_mask, temperature,
+                                        entropy=True)
         values = common.scalar_head(self.value, torch.cat([query, response], 1),
                                     torch.cat([query_mask, response_mask], 1))
-        return logits, values[:, query.shape[1] - 1:-1].float()
+        return logp, entropy, values[:, query.shape[1] - 1:-1].float()
 
 
 def load_value_model(args: Args, device: torch.device) -> torch.nn.Module:
@@ -241,13 +232,10 @@ def load_value_model(args: Args, device: torch.device) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, device, dtype) -> dict:
-    """One episode per prompt: pi_t's response, its pi_t and pi_ref log-probs per token, V(s_t), and the score.
-
-    An episode starts at the prompt followed by a prefix of context tokens (no loss, KL or advantage on them; the
-    score reads prefix + response). In DR-PO the prefix is a prefix of the dataset's response y*."""
-    model = common.unwrap(model)
-    with common.autocast(device, dtype):
+def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, amp) -> dict:
+    """One episode per prompt: pi_t's response, its pi_t and pi_ref log-probs per token, V(s_t), and the score."""
+    model, device = common.unwrap(model), reference.device
+    with amp():
         prefixes = dataset_prefixes(rows, args)  # the reset
         query, query_mask = common.left_pad([r["input_ids"] + p for r, p in zip(rows, prefixes)],
                                             tokenizer.pad_token_id, device)
@@ -258,16 +246,17 @@ def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, de
         logp_old, values = [], []
         for i in range(0, len(query), args.micro_batch_size):
             s = slice(i, i + args.micro_batch_size)
-            logits, v = model(query[s], query_mask[s], responses[s], mask[s], args.temperature)
-            logp_old.append(common.token_logprobs(logits, responses[s], mask[s]))
+            logp, _, v = model(query[s], query_mask[s], responses[s], mask[s], args.temperature)
+            logp_old.append(logp)
             values.append(v * mask[s])
-        logp_ref = common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
-                                           args.micro_batch_size)
+        logp_ref = common.logprobs(reference, query, query_mask, responses, mask, args.temperature,
+                                   args.micro_batch_size)
     texts = tokenizer.batch_decode([p + r[:n] for p, r, n in zip(prefixes, responses.tolist(), mask.sum(1).tolist())],
                                    skip_special_tokens=True)
     ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
     scores = score(rows, texts)
-    scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)  # None: no penalty
+    if args.eos_penalty is not None:  # a response that never ended gets the fixed penalty instead of its score
+        scores = torch.where(ended, scores, args.eos_penalty)
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=torch.cat(logp_old),
                 logp_ref=logp_ref, values=torch.cat(values), scores=scores, ended=ended.float(),
                 prefix_length=torch.tensor([len(p) for p in prefixes], device=device).float())
@@ -287,13 +276,13 @@ def advantages_and_returns(batch: dict, args: Args) -> dict:
     return dict(rewards=rewards, advantages=masked_whiten(advantages, mask), returns=returns)
 
 
-def update(model, optimizer, scheduler, batch: dict, args: Args, device, dtype) -> dict:
+def update(model, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
     """PPO epochs over this rank's episodes, in minibatches of micro-batches.
 
     The losses are sums over response tokens divided by the response tokens of the whole minibatch over all ranks
     (times the number of ranks, which DDP's gradient average divides out), so any split into processes and
     micro-batches gives the same gradient as one process on the global minibatch."""
-    b = len(batch["scores"])
+    b, device = len(batch["scores"]), batch["scores"].device
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
     stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ratio")}
@@ -304,11 +293,9 @@ def update(model, optimizer, scheduler, batch: dict, args: Args, device, dtype) 
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
                 mask = batch["mask"][i].float()
-                with common.no_sync_unless(model, step == args.grad_accum_steps - 1), \
-                        common.autocast(device, dtype):
-                    logits, values = model(batch["query"][i], batch["query_mask"][i], batch["responses"][i],
-                                           batch["mask"][i], args.temperature)
-                    logp = common.token_logprobs(logits, batch["responses"][i], batch["mask"][i])
+                with common.no_sync_unless(model, step == args.grad_accum_steps - 1), amp():
+                    logp, entropy, values = model(batch["query"][i], batch["query_mask"][i], batch["responses"][i],
+                                                  batch["mask"][i], args.temperature)
                     pg, pg_clipped = policy_loss(logp, batch["logp_old"][i], batch["advantages"][i], args.cliprange)
                     vf, vf_clipped = value_loss(values, batch["values"][i], batch["returns"][i],
                                                 args.cliprange_value)
@@ -318,7 +305,7 @@ def update(model, optimizer, scheduler, batch: dict, args: Args, device, dtype) 
                     log_ratio = logp - batch["logp_old"][i]
                     for key, value in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", pg_clipped.float()),
                                        ("vf_clipfrac", vf_clipped.float()), ("approx_kl", 0.5 * log_ratio ** 2),
-                                       ("entropy", entropy(logits)), ("ratio", log_ratio.exp())):
+                                       ("entropy", entropy), ("ratio", log_ratio.exp())):
                         stats[key].append(masked_mean(value, mask))
             optimizer.step()
             scheduler.step()
@@ -337,10 +324,11 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def main(args: Args):
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
     rank, world_size, device = common.setup_distributed()
     check_args(args, world_size)
     common.seed_everything(args.seed, rank)
-    dtype = common.parse_dtype(args.dtype, device)
+    dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
@@ -354,27 +342,27 @@ def main(args: Args):
     # fp32 master weights for the trained models; autocast runs them in `dtype`
     model = PolicyAndValue(common.load_model(args.model, device), load_value_model(args, device))
     model = common.wrap_ddp(model, device)
-    reference = common.freeze(common.load_model(args.model, device))  # fp32 under the same autocast: KL 0 at step 0
+    reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate():  # always from the bare prompt
-        with common.autocast(device, dtype):
+        with amp():
             return common.evaluate(common.unwrap(model).policy, tokenizer, eval_rows, score, args.max_new_tokens,
                                    args.eval_temperature, args.micro_batch_size, device)
 
     before = evaluate()
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc="drpo"):
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
         # 1. Reset to x + a prefix of y*; pi_t writes the rest; score it; log-probs and values per token.
-        batch = rollout(model, reference, tokenizer, next(batches), score, args, device, dtype)
+        batch = rollout(model, reference, tokenizer, next(batches), score, args, amp)
         # 2. Per-token rewards, GAE, returns; whiten the advantages over the global batch.
         batch |= advantages_and_returns(batch, args)
         # 3. PPO epochs of clipped policy and value losses over minibatches.
-        stats = update(model, optimizer, scheduler, batch, args, device, dtype)
+        stats = update(model, optimizer, scheduler, batch, args, amp)
         # 4. Log the mean over all processes.
         metrics = {"score": batch["scores"].mean(), "kl": (batch["logp_old"] - batch["logp_ref"]).sum(1).mean(),
                    "eos_fraction": batch["ended"].mean(), "length": batch["mask"].sum(1).float().mean(),

@@ -107,17 +107,17 @@ def check_args(args: Args, world_size: int):
 
 
 @torch.no_grad()
-def sample(policy, reference, tokenizer, rows, score, args: Args, device, dtype) -> dict:
+def sample(policy, reference, tokenizer, rows, score, args: Args, amp) -> dict:
     """One response per prompt from `policy`; its reward, KL to `reference` (summed over the response) and length."""
-    out = {"responses": [], "reward": [], "kl": [], "length": [], "ended": []}
+    out, device = {"responses": [], "reward": [], "kl": [], "length": [], "ended": []}, reference.device
     for i in range(0, len(rows), args.micro_batch_size):
         batch = rows.select(range(i, min(i + args.micro_batch_size, len(rows)))).to_list()
         query, query_mask = common.left_pad([r["input_ids"] for r in batch], tokenizer.pad_token_id, device)
-        with common.autocast(device, dtype):
+        with amp():
             responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature)
             mask = common.eos_mask(responses, tokenizer.eos_token_id)
-            logp = common.response_logprobs(policy, query, query_mask, responses, mask, args.temperature)
-            logp_ref = common.response_logprobs(reference, query, query_mask, responses, mask, args.temperature)
+            logp = common.logprobs(policy, query, query_mask, responses, mask, args.temperature)
+            logp_ref = common.logprobs(reference, query, query_mask, responses, mask, args.temperature)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         out["responses"] += texts
         out["reward"] += score(batch, texts).tolist()
@@ -153,10 +153,10 @@ def win_rate(judge, prompts: list[str], responses: list[str], references: list[s
             "answers": answers, "wins": wins}
 
 
-def model_judge(name: str, template: str, max_new_tokens: int, micro_batch: int, device, dtype):
+def model_judge(name: str, template: str, max_new_tokens: int, micro_batch: int, device, dtype, amp):
     """A chat model as a judge: f(prompts, completions, **columns) -> its greedy answers ([A, B] pairs)."""
     tokenizer = common.load_tokenizer(name)
-    model = common.freeze(common.load_model(name, device, dtype))
+    model = common.load_model(name, device, dtype).requires_grad_(False)
 
     def judge(prompts: list[str], completions: list[list[str]], **columns) -> list[str]:
         questions = [template.format(prompt=p, a=a, b=b) for p, (a, b) in zip(prompts, completions)]
@@ -166,7 +166,7 @@ def model_judge(name: str, template: str, max_new_tokens: int, micro_batch: int,
                      else q for q in questions[i:i + micro_batch]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
             enc = enc.to(device)
-            with common.autocast(device, dtype):
+            with amp():
                 responses = common.generate(model, tokenizer, enc["input_ids"], enc["attention_mask"],
                                             max_new_tokens, temperature=0)
             answers += tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -204,7 +204,7 @@ def plot(results: list[dict], path: str) -> bool:
 def main(args: Args):
     _, world_size, device = common.setup_distributed()
     check_args(args, world_size)
-    dtype = common.parse_dtype(args.dtype, device)
+    dtype, amp = common.precision(args.dtype, device)
     judging = args.judge_model is not None or args.judge_fn is not None
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
@@ -224,14 +224,14 @@ def main(args: Args):
     prompts = [plain_text(p) for p in rows["prompt"]]
     if args.judge_model is not None:
         judge = model_judge(args.judge_model, args.judge_prompt, args.judge_max_new_tokens, args.micro_batch_size,
-                            device, dtype)
-    reference = common.freeze(common.load_model(args.reference, device))  # fp32 weights under autocast, as training
+                            device, dtype, amp)
+    reference = common.load_model(args.reference, device).requires_grad_(False)  # fp32 under autocast, as training
 
     results, samples = [], []
     for name in args.policy:
         common.seed_everything(args.seed)  # every policy samples with the same random stream
-        policy = reference if name == args.reference else common.freeze(common.load_model(name, device))
-        out = sample(policy, reference, tokenizer, rows, score, args, device, dtype)
+        policy = reference if name == args.reference else common.load_model(name, device).requires_grad_(False)
+        out = sample(policy, reference, tokenizer, rows, score, args, amp)
         n = len(out["responses"])
         result = {"policy": name, "reward": sum(out["reward"]) / n, "kl": sum(out["kl"]) / n,
                   "length": sum(out["length"]) / n, "eos_fraction": sum(out["ended"]) / n}

@@ -31,6 +31,7 @@ Per iteration: roll out -> per-token rewards, GAE, whitening -> PPO epochs over 
     torchrun --nproc_per_node 8 ppo.py --model ... --reward-model ... --dataset ...
 """
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,8 +61,10 @@ class Args:
     """split to evaluate on (if missing, the last rows of the train split are held out)"""
     num_eval_prompts: int = 150
     """number of held-out prompts evaluated before and after training"""
-    output_dir: str = "runs/ppo"
-    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    output_dir: str | None = None
+    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
     seed: int = 1
     """random seed (each process adds its rank)"""
     num_iterations: int = 12
@@ -182,11 +185,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position ([B, R])."""
-    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Models, rollout, advantages, update
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,11 +196,12 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.value = policy, value
 
     def forward(self, query, query_mask, response, response_mask, temperature: float) -> tuple:
-        """(logits / T predicting each response token [B, R, V], V(s_t) before each response token [B, R])."""
-        logits = common.response_logits(self.policy, query, query_mask, response, response_mask, temperature)
+        """(ln pi(a_t|s_t), the entropy of pi(.|s_t), V(s_t)) at each response token ([B, R] each)."""
+        logp, entropy = common.logprobs(self.policy, query, query_mask, response, response_mask, temperature,
+                                        entropy=True)
         values = common.scalar_head(self.value, torch.cat([query, response], 1),
                                     torch.cat([query_mask, response_mask], 1))
-        return logits, values[:, query.shape[1] - 1:-1].float()
+        return logp, entropy, values[:, query.shape[1] - 1:-1].float()
 
 
 def load_value_model(args: Args, device: torch.device) -> torch.nn.Module:
@@ -215,35 +214,29 @@ def load_value_model(args: Args, device: torch.device) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, device, dtype) -> dict:
-    """One episode per prompt: pi_t's response, its pi_t and pi_ref log-probs per token, V(s_t), and the score.
-
-    An episode starts at the prompt followed by a prefix of context tokens (no loss, KL or advantage on them; the
-    score reads prefix + response). In PPO every prefix is empty."""
-    model = common.unwrap(model)
-    with common.autocast(device, dtype):
-        prefixes = [[] for _ in rows]  # PPO: every episode starts at the bare prompt
-        query, query_mask = common.left_pad([r["input_ids"] + p for r, p in zip(rows, prefixes)],
-                                            tokenizer.pad_token_id, device)
+def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, amp) -> dict:
+    """One episode per prompt: pi_t's response, its pi_t and pi_ref log-probs per token, V(s_t), and the score."""
+    model, device = common.unwrap(model), reference.device
+    with amp():
+        query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
         responses = common.generate(model.policy, tokenizer, query, query_mask, args.max_new_tokens,
                                     args.temperature)
         mask = common.eos_mask(responses, tokenizer.eos_token_id)
         logp_old, values = [], []
         for i in range(0, len(query), args.micro_batch_size):
             s = slice(i, i + args.micro_batch_size)
-            logits, v = model(query[s], query_mask[s], responses[s], mask[s], args.temperature)
-            logp_old.append(common.token_logprobs(logits, responses[s], mask[s]))
+            logp, _, v = model(query[s], query_mask[s], responses[s], mask[s], args.temperature)
+            logp_old.append(logp)
             values.append(v * mask[s])
-        logp_ref = common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
-                                           args.micro_batch_size)
-    texts = tokenizer.batch_decode([p + r[:n] for p, r, n in zip(prefixes, responses.tolist(), mask.sum(1).tolist())],
-                                   skip_special_tokens=True)
+        logp_ref = common.logprobs(reference, query, query_mask, responses, mask, args.temperature,
+                                   args.micro_batch_size)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
     scores = score(rows, texts)
-    scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)  # None: no penalty
+    if args.eos_penalty is not None:  # a response that never ended gets the fixed penalty instead of its score
+        scores = torch.where(ended, scores, args.eos_penalty)
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=torch.cat(logp_old),
-                logp_ref=logp_ref, values=torch.cat(values), scores=scores, ended=ended.float(),
-                prefix_length=torch.tensor([len(p) for p in prefixes], device=device).float())
+                logp_ref=logp_ref, values=torch.cat(values), scores=scores, ended=ended.float())
 
 
 def advantages_and_returns(batch: dict, args: Args) -> dict:
@@ -260,13 +253,13 @@ def advantages_and_returns(batch: dict, args: Args) -> dict:
     return dict(rewards=rewards, advantages=masked_whiten(advantages, mask), returns=returns)
 
 
-def update(model, optimizer, scheduler, batch: dict, args: Args, device, dtype) -> dict:
+def update(model, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
     """PPO epochs over this rank's episodes, in minibatches of micro-batches.
 
     The losses are sums over response tokens divided by the response tokens of the whole minibatch over all ranks
     (times the number of ranks, which DDP's gradient average divides out), so any split into processes and
     micro-batches gives the same gradient as one process on the global minibatch."""
-    b = len(batch["scores"])
+    b, device = len(batch["scores"]), batch["scores"].device
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
     stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ratio")}
@@ -277,11 +270,9 @@ def update(model, optimizer, scheduler, batch: dict, args: Args, device, dtype) 
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
                 mask = batch["mask"][i].float()
-                with common.no_sync_unless(model, step == args.grad_accum_steps - 1), \
-                        common.autocast(device, dtype):
-                    logits, values = model(batch["query"][i], batch["query_mask"][i], batch["responses"][i],
-                                           batch["mask"][i], args.temperature)
-                    logp = common.token_logprobs(logits, batch["responses"][i], batch["mask"][i])
+                with common.no_sync_unless(model, step == args.grad_accum_steps - 1), amp():
+                    logp, entropy, values = model(batch["query"][i], batch["query_mask"][i], batch["responses"][i],
+                                                  batch["mask"][i], args.temperature)
                     pg, pg_clipped = policy_loss(logp, batch["logp_old"][i], batch["advantages"][i], args.cliprange)
                     vf, vf_clipped = value_loss(values, batch["values"][i], batch["returns"][i],
                                                 args.cliprange_value)
@@ -291,7 +282,7 @@ def update(model, optimizer, scheduler, batch: dict, args: Args, device, dtype) 
                     log_ratio = logp - batch["logp_old"][i]
                     for key, value in (("pg_loss", pg), ("vf_loss", vf), ("clipfrac", pg_clipped.float()),
                                        ("vf_clipfrac", vf_clipped.float()), ("approx_kl", 0.5 * log_ratio ** 2),
-                                       ("entropy", entropy(logits)), ("ratio", log_ratio.exp())):
+                                       ("entropy", entropy), ("ratio", log_ratio.exp())):
                         stats[key].append(masked_mean(value, mask))
             optimizer.step()
             scheduler.step()
@@ -310,10 +301,11 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def main(args: Args):
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
     rank, world_size, device = common.setup_distributed()
     check_args(args, world_size)
     common.seed_everything(args.seed, rank)
-    dtype = common.parse_dtype(args.dtype, device)
+    dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
@@ -327,33 +319,31 @@ def main(args: Args):
     # fp32 master weights for the trained models; autocast runs them in `dtype`
     model = PolicyAndValue(common.load_model(args.model, device), load_value_model(args, device))
     model = common.wrap_ddp(model, device)
-    reference = common.freeze(common.load_model(args.model, device))  # fp32 under the same autocast: KL 0 at step 0
+    reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate():  # always from the bare prompt
-        with common.autocast(device, dtype):
+        with amp():
             return common.evaluate(common.unwrap(model).policy, tokenizer, eval_rows, score, args.max_new_tokens,
                                    args.eval_temperature, args.micro_batch_size, device)
 
     before = evaluate()
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc="ppo"):
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
         # 1. Roll out one episode per prompt with pi_t; score it; log-probs and values per token.
-        batch = rollout(model, reference, tokenizer, next(batches), score, args, device, dtype)
+        batch = rollout(model, reference, tokenizer, next(batches), score, args, amp)
         # 2. Per-token rewards, GAE, returns; whiten the advantages over the global batch.
         batch |= advantages_and_returns(batch, args)
         # 3. PPO epochs of clipped policy and value losses over minibatches.
-        stats = update(model, optimizer, scheduler, batch, args, device, dtype)
+        stats = update(model, optimizer, scheduler, batch, args, amp)
         # 4. Log the mean over all processes.
         metrics = {"score": batch["scores"].mean(), "kl": (batch["logp_old"] - batch["logp_ref"]).sum(1).mean(),
                    "eos_fraction": batch["ended"].mean(), "length": batch["mask"].sum(1).float().mean(),
-                   "explained_variance": explained_variance(batch["values"], batch["returns"], batch["mask"]),
-                   "reset_fraction": (batch["prefix_length"] > 0).float().mean(),
-                   "prefix_length": batch["prefix_length"].mean(), **stats}
+                   "explained_variance": explained_variance(batch["values"], batch["returns"], batch["mask"]), **stats}
         log(common.mean_over_ranks(metrics, device) | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
     after = evaluate()

@@ -23,6 +23,7 @@ Per iteration: sample pairs -> score them -> K passes of regression over the pai
     torchrun --nproc_per_node 8 rebel.py --model ... --reward-model ... --dataset ...
 """
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,8 +51,10 @@ class Args:
     """split to evaluate on (if missing, the last rows of the train split are held out)"""
     num_eval_prompts: int = 150
     """number of held-out prompts evaluated before and after training"""
-    output_dir: str = "runs/rebel"
-    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    output_dir: str | None = None
+    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
     seed: int = 1
     """random seed (each process adds its rank)"""
     num_iterations: int = 10
@@ -119,14 +122,15 @@ def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tens
 
 
 @torch.no_grad()
-def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, device, dtype) -> dict:
+def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, amp) -> dict:
     """Two responses per prompt, their pi_t and pi_ref log-probs, and their KL-regularised rewards.
 
     Returns tensors with the y half first and the y' half second (2b rows)."""
+    device = common.unwrap(policy).device
     query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
     query, query_mask = query.repeat(2, 1), query_mask.repeat(2, 1)
     b = len(rows)
-    with common.autocast(device, dtype):
+    with amp():
         if args.mu == "policy":
             responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature)
         else:
@@ -140,25 +144,26 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, d
                 y_pair = common.cut_after_eos(y_pair, tokenizer.eos_token_id, tokenizer.pad_token_id)
             responses = torch.cat([y, y_pair])
         mask = common.eos_mask(responses, tokenizer.eos_token_id)
-        logp_old = common.batched_logprobs(policy, query, query_mask, responses, mask, args.temperature,
-                                           args.micro_batch_size)
-        logp_ref = common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
-                                           args.micro_batch_size)
+        logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature, args.micro_batch_size)
+        logp_ref = common.logprobs(reference, query, query_mask, responses, mask, args.temperature,
+                                   args.micro_batch_size)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
     scores = score(rows * 2, texts)
-    scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)
+    if args.eos_penalty is not None:  # a response that never ended gets the fixed penalty instead of its score
+        scores = torch.where(ended, scores, args.eos_penalty)
     kl = (logp_old - logp_ref).sum(1)
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old.sum(1),
                 scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, ended=ended.float())
 
 
-def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype) -> dict:
+def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
     """K passes of the REBEL regression over this rank's pairs, in minibatches of micro-batches.
 
     Each micro-batch forwards y and y' together (one forward, so DDP sees one backward per forward)."""
     b = len(batch["rewards"]) // 2
     minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
+    device = batch["rewards"].device
     losses, predicted = [], torch.zeros(b, device=device)
     for _ in range(args.num_passes):
         order = torch.randperm(b, device=device)
@@ -166,11 +171,9 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype)
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
                 both = torch.cat([i, i + b])  # y rows, then their y' rows
-                with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), \
-                        common.autocast(device, dtype):
-                    logp = common.response_logprobs(policy, batch["query"][both], batch["query_mask"][both],
-                                                    batch["responses"][both], batch["mask"][both],
-                                                    args.temperature).sum(1)
+                with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), amp():
+                    logp = common.logprobs(policy, batch["query"][both], batch["query_mask"][both],
+                                           batch["responses"][both], batch["mask"][both], args.temperature).sum(1)
                     logp_ratio = logp - batch["logp_old"][both]
                     loss = rebel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
                                       batch["rewards"][i], batch["rewards"][i + b], args.eta)
@@ -186,10 +189,11 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype)
 
 
 def main(args: Args):
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
     rank, world_size, device = common.setup_distributed()
     check_args(args, world_size)
     common.seed_everything(args.seed, rank)
-    dtype = common.parse_dtype(args.dtype, device)
+    dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
@@ -202,7 +206,7 @@ def main(args: Args):
 
     # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's
     policy = common.load_model(args.model, device)
-    reference = common.freeze(common.load_model(args.model, device))
+    reference = common.load_model(args.model, device).requires_grad_(False)
     policy = common.wrap_ddp(policy, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
@@ -210,18 +214,18 @@ def main(args: Args):
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate():
-        with common.autocast(device, dtype):
+        with amp():
             return common.evaluate(policy, tokenizer, eval_rows, score, args.max_new_tokens, args.eval_temperature,
                                    args.micro_batch_size, device)
 
     before = evaluate()
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc="rebel"):
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
         # 1. Sample two responses per prompt from pi_t; score them; KL-regularise the scores.
-        batch = rollout(policy, reference, tokenizer, next(batches), score, args, device, dtype)
+        batch = rollout(policy, reference, tokenizer, next(batches), score, args, amp)
         # 2. Regress the relative log-ratio onto the relative reward (K passes, minibatches).
-        stats = update(policy, optimizer, scheduler, batch, args, device, dtype)
+        stats = update(policy, optimizer, scheduler, batch, args, amp)
         # 3. Log the mean over all processes.
         metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "eos_fraction": batch["ended"].mean(),
                    "length": batch["mask"].sum(1).float().mean(), **stats}

@@ -33,6 +33,7 @@ turn H is right, so an early mistake costs every later turn.
 """
 
 import random
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,8 +82,10 @@ class Args:
     """split to evaluate on (if missing, the last rows of the train split are held out)"""
     num_eval_prompts: int = 32
     """first user turns whose dialogues are evaluated at every turn before and after training"""
-    output_dir: str = "runs/refuel"
-    """where the trained policy (an HF folder) and metrics.jsonl are written"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    output_dir: str | None = None
+    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
     seed: int = 1
     """random seed (each process adds its rank)"""
     max_turns: int = 5
@@ -200,7 +203,7 @@ class LLMUser:
     def __init__(self, name: str, device, dtype, prompt: str, temperature: float, max_new_tokens: int,
                  max_length: int, micro_batch: int):
         self.tokenizer = common.load_tokenizer(name)
-        self.model = common.freeze(common.load_model(name, torch.device(device), dtype))
+        self.model = common.load_model(name, torch.device(device), dtype).requires_grad_(False)
         self.prompt, self.temperature, self.max_new_tokens = prompt, temperature, max_new_tokens
         self.max_length, self.micro_batch = max_length, micro_batch
 
@@ -238,8 +241,8 @@ def make_scorer(args: Args, device, dtype):
         return score_fn
     tokenizer = common.load_tokenizer(args.reward_model)
     tokenizer.padding_side = "right"
-    model = common.freeze(common.load_model(args.reward_model, device, dtype, AutoModelForSequenceClassification,
-                                            num_labels=1))
+    model = common.load_model(args.reward_model, device, dtype, AutoModelForSequenceClassification, num_labels=1)
+    model.requires_grad_(False)
 
     def score_model(conversations, rows):
         texts = [tokenizer.apply_chat_template(c, tokenize=False) if tokenizer.chat_template else transcript(c)
@@ -252,7 +255,7 @@ def make_scorer(args: Args, device, dtype):
 
 @torch.no_grad()
 def play(policy, tokenizer, user, dialogues: list[list[dict]], stops: list[int], args: Args, temperature: float,
-         device, dtype) -> list[list[tuple[list[int], list[int]]]]:
+         amp) -> list[list[tuple[list[int], list[int]]]]:
     """Continue each dialogue in place until it has played stops[i] moves (see `moves`). Each round, pi_t answers
     every dialogue waiting on the assistant (one batch), then the user answers every dialogue waiting on the user.
     Returns, per dialogue, its new assistant turns as (query ids, answer ids): exactly what pi_t saw and sampled."""
@@ -260,7 +263,7 @@ def play(policy, tokenizer, user, dialogues: list[list[dict]], stops: list[int],
     while todo := [i for i, d in enumerate(dialogues) if moves(d) < stops[i]]:
         ask = [i for i in todo if dialogues[i][-1]["role"] == "user"]
         queries = [turn_query(tokenizer, dialogues[i], args.max_prompt_length) for i in ask]
-        with common.autocast(device, dtype):
+        with amp():
             answers = sample_turns(policy, tokenizer, queries, args.max_new_tokens, temperature,
                                    args.micro_batch_size)
         for i, query, answer in zip(ask, queries, answers):
@@ -288,36 +291,36 @@ def draw_turns(n: int, max_turns: int) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: Args, device, dtype) -> dict:
+def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: Args, amp) -> dict:
     """Pairs of dialogues that share their history up to the user's turn-h message and differ from turn h's answer
     on; their rewards R, R' (truncated at H), and pi_t's log-probs of the two turn-h answers.
 
     Tensors have the a half first and the a' half second (2b rows); `dialogues` are the 2b conversations."""
-    b = len(rows)
+    b, device = len(rows), common.unwrap(policy).device
     horizons, resets = draw_turns(b, args.max_turns)
     # Roll in: turns 1..h-1 and the user's turn-h question, the shared history s_h (the reset state).
     histories = [first_turn(row) for row in rows]
-    play(policy, tokenizer, user, histories, [2 * h - 1 for h in resets], args, args.temperature, device, dtype)
+    play(policy, tokenizer, user, histories, [2 * h - 1 for h in resets], args, args.temperature, amp)
     # Two futures from s_h, both played to turn H in one batch: turn h's answers a (rows :b) and a' (rows b:).
     dialogues = [list(history) for history in histories + histories]
     played = play(policy, tokenizer, user, dialogues, [2 * horizon for horizon in horizons] * 2, args,
-                  args.temperature, device, dtype)
+                  args.temperature, amp)
     scores = score(dialogues, rows * 2)
     if args.eos_penalty is not None:  # an answer of the future (turns h..H) ran out of tokens
         ended = torch.tensor([all(a[-1:] == [tokenizer.eos_token_id] for _, a in turns) for turns in played],
                              device=device)
-        scores = common.apply_eos_penalty(scores, ended, args.eos_penalty)
+        scores = torch.where(ended, scores, args.eos_penalty)
     # The regression's inputs: query = s_h with the generation prompt, response = the turn-h answer (EOS included).
     answers = [turns[0][1] for turns in played]
     query, query_mask, responses, mask = turn_tensors([turns[0] for turns in played], tokenizer.pad_token_id,
                                                       args.max_new_tokens, device)
-    with common.autocast(device, dtype):
-        logp_old = common.batched_logprobs(policy, query, query_mask, responses, mask, args.temperature,
-                                           args.micro_batch_size).sum(1)
+    with amp():
+        logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature,
+                                   args.micro_batch_size).sum(1)
         kl = torch.zeros_like(logp_old)
         if reference is not None:
-            kl = logp_old - common.batched_logprobs(reference, query, query_mask, responses, mask, args.temperature,
-                                                    args.micro_batch_size).sum(1)
+            kl = logp_old - common.logprobs(reference, query, query_mask, responses, mask, args.temperature,
+                                            args.micro_batch_size).sum(1)
     keep = torch.tensor([a != a_pair for a, a_pair in zip(answers[:b], answers[b:])], device=device).float()
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
                 scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, keep=keep, dialogues=dialogues,
@@ -338,16 +341,17 @@ def refuel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Ten
     return (keep * residual ** 2).sum() / num_kept.clamp(min=1)
 
 
-def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype) -> dict:
-    """K passes of the regression over this rank's pairs, in minibatches of micro-batches; each micro-batch forwards
-    a and a' together (one forward, so DDP sees one backward per forward).
+def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
+    """K passes of the REFUEL regression over this rank's pairs, in minibatches of micro-batches.
 
-    The loss is the mean over the kept pairs of the whole minibatch over all ranks: each micro-batch's sum divided
-    by that global count (times the number of ranks, which DDP's gradient average divides out), so a micro-batch
-    with few kept pairs weighs no more than its pairs."""
+    Each micro-batch forwards a and a' together (one forward, so DDP sees one backward per forward). The loss is the
+    mean over the kept pairs of the whole minibatch over all ranks: each micro-batch's sum divided by that global
+    count (times the number of ranks, which DDP's gradient average divides out), so a micro-batch with few kept pairs
+    weighs no more than its pairs."""
     b = len(batch["rewards"]) // 2
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
+    device = batch["rewards"].device
     losses, predicted = [], torch.zeros(b, device=device)
     for _ in range(args.num_passes):
         order = torch.randperm(b, device=device)
@@ -355,18 +359,16 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype)
             kept = common.all_reduce_sum(batch["keep"][order[start:start + minibatch]].sum()) / world
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
-                both = torch.cat([i, i + b])
-                with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), \
-                        common.autocast(device, dtype):
-                    logp = common.response_logprobs(policy, batch["query"][both], batch["query_mask"][both],
-                                                    batch["responses"][both], batch["mask"][both],
-                                                    args.temperature).sum(1)
+                both = torch.cat([i, i + b])  # a rows, then their a' rows
+                with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), amp():
+                    logp = common.logprobs(policy, batch["query"][both], batch["query_mask"][both],
+                                           batch["responses"][both], batch["mask"][both], args.temperature).sum(1)
+                    logp_ratio = logp - batch["logp_old"][both]
                     loss = refuel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
                                        batch["rewards"][i], batch["rewards"][i + b], args.eta, batch["keep"][i], kept)
                     loss.backward()
                 losses.append(loss.detach())
-                ratio = (logp - batch["logp_old"][both]).detach()
-                predicted[i] = (ratio[:len(i)] - ratio[len(i):]) / args.eta
+                predicted[i] = (logp_ratio[:len(i)] - logp_ratio[len(i):]).detach() / args.eta
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -377,24 +379,24 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, device, dtype)
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, user, score, rows: list[dict], args: Args, device, dtype) -> list[float]:
+def evaluate(policy, tokenizer, user, score, rows: list[dict], args: Args, amp) -> list[float]:
     """Mean reward at each turn 1..max_turns of dialogues played to max_turns from the evaluation rows' first turns,
     over all ranks (policy at --eval-temperature; for the embedded task, the accuracy at each turn)."""
     dialogues = [first_turn(row) for row in rows]
-    play(policy, tokenizer, user, dialogues, [2 * args.max_turns] * len(dialogues), args, args.eval_temperature,
-         device, dtype)
+    play(policy, tokenizer, user, dialogues, [2 * args.max_turns] * len(dialogues), args, args.eval_temperature, amp)
     totals = torch.stack([score([up_to_turn(d, t) for d in dialogues], rows).sum()
                           for t in range(1, args.max_turns + 1)]
-                         + [torch.tensor(float(len(dialogues)), device=device)])
+                         + [torch.tensor(float(len(dialogues)), device=common.unwrap(policy).device)])
     totals = common.all_reduce_mean(totals)  # the mean of sums over ranks, then the ratio: the global mean
     return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
 
 
 def main(args: Args):
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
     rank, world_size, device = common.setup_distributed()
     check_args(args, world_size)
     common.seed_everything(args.seed, rank)
-    dtype = common.parse_dtype(args.dtype, device)
+    dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
@@ -408,21 +410,21 @@ def main(args: Args):
 
     # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's
     policy = common.load_model(args.model, device)
-    reference = common.freeze(common.load_model(args.model, device)) if args.kl_coef else None
+    reference = common.load_model(args.model, device).requires_grad_(False) if args.kl_coef else None
     policy = common.wrap_ddp(policy, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
-    before = evaluate(policy, tokenizer, user, score, eval_rows, args, device, dtype)
+    before = evaluate(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("before training, eval reward per turn: " + " ".join(f"{v:.3f}" for v in before))
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc="refuel"):
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
         # 1. Roll in to turn h, branch two futures to turn H with pi_t and the user, score both.
-        batch = rollout(policy, reference, tokenizer, user, score, next(batches), args, device, dtype)
+        batch = rollout(policy, reference, tokenizer, user, score, next(batches), args, amp)
         # 2. Regress the relative log-ratio of the turn-h answers onto the relative future reward.
-        stats = update(policy, optimizer, scheduler, batch, args, device, dtype)
+        stats = update(policy, optimizer, scheduler, batch, args, amp)
         # 3. Log the mean over all processes.
         metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "kept_fraction": batch["keep"].mean(),
                    "horizon": torch.tensor(batch["horizons"], dtype=torch.float).mean(),
@@ -430,7 +432,7 @@ def main(args: Args):
                    "turn_h_length": batch["mask"].sum(1).float().mean(), **stats}
         log(common.mean_over_ranks(metrics, device) | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
-    after = evaluate(policy, tokenizer, user, score, eval_rows, args, device, dtype)
+    after = evaluate(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("eval reward per turn (accuracy for the embedded task)\nturn  before  after")
     for turn, (old, new) in enumerate(zip(before, after), 1):
         common.print0(f"{turn:>4}  {old:6.3f}  {new:6.3f}")

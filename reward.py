@@ -18,6 +18,7 @@ adds: the score heads of most architectures have no bias). Saves an HF folder th
     torchrun --nproc_per_node 8 reward.py --model runs/sft --dataset trl-lib/tldr-preference ...
 """
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,8 +45,10 @@ class Args:
     """split to measure the held-out pairwise accuracy on (if missing, the last rows of train are held out)"""
     num_eval_pairs: int = 150
     """number of held-out pairs"""
-    output_dir: str = "runs/reward"
-    """where the reward model (an HF folder) and metrics.jsonl are written"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    output_dir: str | None = None
+    """where the reward model (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
     seed: int = 1
     """random seed"""
     num_epochs: float = 0.03
@@ -132,10 +135,11 @@ def accuracy(model, tokenizer, rows, micro_batch: int, device) -> dict:
 
 
 def main(args: Args):
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
     rank, world_size, device = common.setup_distributed()
     check_args(args, world_size)
     common.seed_everything(args.seed, rank)
-    dtype = common.parse_dtype(args.dtype, device)
+    dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs,
@@ -154,7 +158,7 @@ def main(args: Args):
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate() -> dict:
-        with common.autocast(device, dtype):
+        with amp():
             return accuracy(reward_model, tokenizer, eval_rows, args.micro_batch_size, device)
 
     before = evaluate()
@@ -162,14 +166,14 @@ def main(args: Args):
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
     stats = []
-    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc="reward"):
+    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc=args.exp_name):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             part = rows[k * micro:(k + 1) * micro]
             # chosen and rejected texts in one right-padded batch: one forward, one backward
             enc = tokenizer([r["chosen"] for r in part] + [r["rejected"] for r in part], return_tensors="pt",
                             padding=True, add_special_tokens=False).to(device)
-            with common.no_sync_unless(model, k == args.grad_accum_steps - 1), common.autocast(device, dtype):
+            with common.no_sync_unless(model, k == args.grad_accum_steps - 1), amp():
                 scores = model(enc["input_ids"], enc["attention_mask"])
                 loss = pairwise_loss(scores[:len(part)], scores[len(part):])
                 (loss / args.grad_accum_steps).backward()
@@ -188,7 +192,7 @@ def main(args: Args):
     if args.normalize:
         # the mean score of the reference responses, over all ranks, becomes 0
         normalize_rows = common.shard(train_rows.select(range(min(args.num_normalize, len(train_rows)))))
-        with common.autocast(device, dtype), torch.no_grad():
+        with amp(), torch.no_grad():
             scores = common.reward_model_scores(reward_model, tokenizer, normalize_rows["chosen"],
                                                 args.micro_batch_size)
         mean = common.all_reduce_mean(scores.mean()).item()

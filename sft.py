@@ -14,6 +14,7 @@ RL script takes as --model.
     torchrun --nproc_per_node 8 sft.py --model EleutherAI/pythia-1b-deduped --dataset trl-lib/tldr ...
 """
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +39,10 @@ class Args:
     """split to evaluate on (if missing, the last rows of the train split are held out)"""
     num_eval_prompts: int = 150
     """number of held-out rows for the eval loss and the eval score"""
-    output_dir: str = "runs/sft"
-    """where the fine-tuned model (an HF folder) and metrics.jsonl are written"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    output_dir: str | None = None
+    """where the fine-tuned model (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
     seed: int = 1
     """random seed"""
     num_epochs: float = 0.03
@@ -111,13 +114,14 @@ def forward_loss(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_loss(model, rows, tokenizer, args: Args, device, dtype) -> float:
+def eval_loss(model, rows, tokenizer, args: Args, amp) -> float:
     """Token-weighted mean SFT loss over the held-out rows (this rank's share, averaged over ranks)."""
+    device = model.device
     total = torch.zeros(2, device=device)
     for i in range(0, len(rows), args.micro_batch_size):
         batch = sft_batch([rows[j] for j in range(i, min(i + args.micro_batch_size, len(rows)))],
                           tokenizer.pad_token_id, args.max_response_length, device)
-        with common.autocast(device, dtype):
+        with amp():
             loss = forward_loss(model, batch)
         tokens = (batch["labels"][:, 1:] != -100).sum()
         total += torch.stack([loss.float() * tokens, tokens.float()])
@@ -126,10 +130,11 @@ def eval_loss(model, rows, tokenizer, args: Args, device, dtype) -> float:
 
 
 def main(args: Args):
+    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
     rank, world_size, device = common.setup_distributed()
     check_args(args, world_size)
     common.seed_everything(args.seed, rank)
-    dtype = common.parse_dtype(args.dtype, device)
+    dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
@@ -149,9 +154,9 @@ def main(args: Args):
     log = common.make_logger(args.output_dir, args.report_to, vars(args))
 
     def evaluate() -> dict:
-        metrics = {"loss": eval_loss(common.unwrap(model), eval_rows, tokenizer, args, device, dtype)}
+        metrics = {"loss": eval_loss(common.unwrap(model), eval_rows, tokenizer, args, amp)}
         if score is not None:
-            with common.autocast(device, dtype):
+            with amp():
                 metrics |= common.evaluate(model, tokenizer, eval_rows, score, args.max_new_tokens,
                                            args.eval_temperature, args.micro_batch_size, device)
         return metrics
@@ -161,12 +166,12 @@ def main(args: Args):
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
     losses = []
-    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc="sft"):
+    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc=args.exp_name):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             batch = sft_batch(rows[k * micro:(k + 1) * micro], tokenizer.pad_token_id, args.max_response_length,
                               device)
-            with common.no_sync_unless(model, k == args.grad_accum_steps - 1), common.autocast(device, dtype):
+            with common.no_sync_unless(model, k == args.grad_accum_steps - 1), amp():
                 loss = forward_loss(model, batch)
                 (loss / args.grad_accum_steps).backward()
             losses.append(loss.detach())

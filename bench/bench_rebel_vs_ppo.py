@@ -66,7 +66,7 @@ def run_one(args: Args, name: str) -> dict:
 
     _, _, device = common.setup_distributed()
     common.seed_everything(args.seed)
-    dtype = common.parse_dtype("auto", device)
+    dtype, amp = common.precision("auto", device)
     shared = dict(model=args.model, reward_fn=args.reward_fn, dataset=args.dataset, max_new_tokens=args.max_new_tokens,
                   num_minibatches=args.num_minibatches, micro_batch_size=args.micro_batch_size, seed=args.seed)
     prompts = args.batch_size // 2 if name == "rebel" and args.equal == "responses" else args.batch_size
@@ -79,16 +79,17 @@ def run_one(args: Args, name: str) -> dict:
     score = common.make_scorer(None, args.reward_fn, device, dtype)
     tokenizer = common.load_tokenizer(args.model)
     train_rows = common.tokenize_prompts(train_rows, tokenizer, script_args.max_prompt_length)
-    reference = common.freeze(common.load_model(args.model, device, dtype))
+    reference = common.load_model(args.model, device).requires_grad_(False)  # as in the scripts: fp32 under amp
     if name == "rebel":  # as in rebel.main
         model = common.load_model(args.model, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=script_args.lr, eps=script_args.adam_eps)
-        total_steps = script_args.num_iterations * args.num_passes * args.num_minibatches
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+        scheduler = common.make_scheduler(optimizer, "linear", 0.0,
+                                          script_args.num_iterations * args.num_passes * args.num_minibatches)
     else:  # as in ppo.main
         model = ppo.PolicyAndValue(common.load_model(args.model, device), ppo.load_value_model(script_args, device))
         optimizer = torch.optim.AdamW(model.parameters(), lr=script_args.lr, eps=script_args.adam_eps)
-        scheduler = ppo.make_scheduler(optimizer, script_args)
+        scheduler = common.make_scheduler(optimizer, "linear", 0.0,
+                                          script_args.num_iterations * args.num_passes * args.num_minibatches)
     batches = common.prompt_batches(train_rows, prompts, args.seed)
     times = []
     if device.type == "cuda":
@@ -98,12 +99,12 @@ def run_one(args: Args, name: str) -> dict:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         if name == "rebel":
-            batch = rebel.rollout(model, reference, tokenizer, next(batches), score, script_args, device, dtype)
-            rebel.update(model, optimizer, scheduler, batch, script_args, device, dtype)
+            batch = rebel.rollout(model, reference, tokenizer, next(batches), score, script_args, amp)
+            rebel.update(model, optimizer, scheduler, batch, script_args, amp)
         else:
-            batch = ppo.rollout(model, reference, tokenizer, next(batches), score, script_args, device, dtype)
+            batch = ppo.rollout(model, reference, tokenizer, next(batches), score, script_args, amp)
             batch |= ppo.advantages_and_returns(batch, script_args)
-            ppo.update(model, optimizer, scheduler, batch, script_args, device, dtype)
+            ppo.update(model, optimizer, scheduler, batch, script_args, amp)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i > 0:  # iteration 0 warms up allocators and kernels

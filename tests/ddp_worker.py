@@ -30,7 +30,7 @@ responses = torch.randint(10, len(tokenizer), (2 * pairs, width), generator=gene
 responses[torch.arange(2 * pairs), torch.randint(1, width, (2 * pairs,), generator=generator)] = tokenizer.eos_token_id
 responses = common.cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
 mask = common.eos_mask(responses, tokenizer.eos_token_id)
-logp_old = common.batched_logprobs(policy, query, query_mask, responses, mask, 0.7, 4).sum(1)
+logp_old = common.logprobs(policy, query, query_mask, responses, mask, 0.7, 4).sum(1)
 batch = dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
              rewards=torch.randn(2 * pairs, generator=generator))
 
@@ -43,7 +43,7 @@ policy = common.wrap_ddp(policy, device)
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 torch.manual_seed(rank)
-rebel.update(policy, optimizer, scheduler, local, args, device, torch.float32)
+rebel.update(policy, optimizer, scheduler, local, args, common.precision("float32", device)[1])
 
 params = torch.cat([p.detach().flatten() for p in policy.parameters()])
 gathered = [torch.zeros_like(params) for _ in range(world)]

@@ -37,8 +37,7 @@ def fixed_rollout(model, tokenizer, args) -> dict:
     responses = common.cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     mask = common.eos_mask(responses, tokenizer.eos_token_id)
     with torch.no_grad():
-        logits, values = model(query, query_mask, responses, mask, args.temperature)
-    logp_old = common.token_logprobs(logits, responses, mask)
+        logp_old, _, values = model(query, query_mask, responses, mask, args.temperature)
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
                 logp_ref=logp_old - 0.3 * torch.rand(BATCH, RESPONSE, generator=g) * mask, values=values * mask,
                 scores=torch.randn(BATCH, generator=g))
@@ -62,7 +61,7 @@ def main(model_dir: str, out_dir: str):
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
     torch.manual_seed(1000 + rank)  # the minibatch order is drawn per rank
-    ppo.update(model, optimizer, scheduler, batch, args, device, torch.float32)
+    ppo.update(model, optimizer, scheduler, batch, args, common.precision("float32", device)[1])
     os.makedirs(out_dir, exist_ok=True)
     torch.save({"advantages": batch["advantages"], "returns": batch["returns"],
                 "params": {k: v.detach().clone() for k, v in common.unwrap(model).state_dict().items()}},

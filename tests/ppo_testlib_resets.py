@@ -40,14 +40,15 @@ def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[
     value = module.load_value_model(args, torch.device("cpu"))
     torch.nn.init.normal_(value.score.weight, std=0.5)  # a nonzero value head, so value gradients reach the backbone
     model = module.PolicyAndValue(policy, value)
-    reference = common.freeze(common.load_model(model_dir, torch.device("cpu")))
+    reference = common.load_model(model_dir, torch.device("cpu")).requires_grad_(False)
     scored = []
 
     def score(rows, responses):
         scored.extend(responses)
         return torch.tensor([r.count("a") / max(len(r), 1) + 1.0 for r in responses])
 
-    batch = module.rollout(model, reference, tokenizer, rows, score, args, torch.device("cpu"), torch.float32)
+    amp = common.precision("float32", torch.device("cpu"))[1]
+    batch = module.rollout(model, reference, tokenizer, rows, score, args, amp)
     batch |= module.advantages_and_returns(batch, args)
     b, width = len(rows), args.max_new_tokens
     for key in ("responses", "mask", "logp_old", "logp_ref", "values", "rewards", "advantages", "returns"):
@@ -76,7 +77,7 @@ def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[
     hooks = [m.model.norm.register_forward_hook(keep_grad) for m in (policy, value)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     scheduler = common.make_scheduler(optimizer, "linear", 0.0, 1)
-    module.update(model, optimizer, scheduler, batch, args, torch.device("cpu"), torch.float32)
+    module.update(model, optimizer, scheduler, batch, args, amp)
     for h in hooks:
         h.remove()
     context = batch["query"].shape[1]  # the last context token is at context - 1: it predicts the first learner token

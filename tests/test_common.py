@@ -34,7 +34,7 @@ def test_logprobs_match_hand_computation_and_ignore_padding(fixture, request):
     response = common.right_pad(responses, 8, tokenizer.pad_token_id)
     mask = common.eos_mask(response, eos)
     with torch.no_grad():
-        got = common.response_logprobs(model, query, query_mask, response, mask, temperature=0.7)
+        got = common.logprobs(model, query, query_mask, response, mask, temperature=0.7)
     for i in range(2):
         expected = hand_logprobs(model, prompts[i], responses[i], 0.7)
         assert got[i, :len(expected)].tolist() == pytest.approx(expected, abs=1e-4)
@@ -47,9 +47,16 @@ def test_logprobs_match_hand_computation_and_ignore_padding(fixture, request):
         logits = model(input_ids=ids, attention_mask=attention).logits / 0.7
     for i in range(2):
         n = len(prompts[i])
-        right = common.token_logprobs(logits[i:i + 1, n - 1:n - 1 + len(responses[i])],
-                                      torch.tensor([responses[i]]), torch.ones(1, len(responses[i])))
-        assert torch.allclose(right[0], got[i, :len(responses[i])], atol=1e-5)
+        right = logits[i, n - 1:n - 1 + len(responses[i])].log_softmax(-1)
+        right = right.gather(1, torch.tensor(responses[i])[:, None]).squeeze(1)
+        assert torch.allclose(right, got[i, :len(responses[i])], atol=1e-5)
+    # Micro-batches of one sequence give the same log-probs, and the entropy is that of softmax(logits / T).
+    with torch.no_grad():
+        chunked, entropy = common.logprobs(model, query, query_mask, response, mask, 0.7, micro_batch=1, entropy=True)
+    assert torch.allclose(chunked, got, atol=1e-6)
+    n = len(prompts[0])
+    p = logits[0, n - 1].softmax(-1)
+    assert entropy[0, 0].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-4)
 
 
 def test_eos_cut_mask_and_penalty():
@@ -64,9 +71,6 @@ def test_eos_cut_mask_and_penalty():
     within = common.eos_mask(responses, eos, budget)
     assert within.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert common.has_eos(responses, within, eos).tolist() == [False, False, True]
-    scores = common.apply_eos_penalty(torch.tensor([0.5, 2.0, -0.3]), ended, -1.0)
-    assert scores.tolist() == pytest.approx([0.5, -1.0, -0.3])
-    assert common.apply_eos_penalty(torch.tensor([0.5, 2.0]), ended[:2], None).tolist() == [0.5, 2.0]
     # When pad id == EOS id, padding after the first EOS must not extend the mask.
     same = torch.tensor([[5, 3, 3, 3]])
     assert common.eos_mask(same, 3).tolist() == [[1, 1, 0, 0]]

@@ -129,7 +129,7 @@ def test_refuel_update_weighs_every_kept_pair_equally_across_micro_batches(tiny_
     mask = torch.ones_like(responses)
     policy = common.load_model(tiny_llama, CPU)
     with torch.no_grad():
-        logp_old = common.response_logprobs(policy, query, query_mask, responses, mask, 1.0).sum(1)
+        logp_old = common.logprobs(policy, query, query_mask, responses, mask, 1.0).sum(1)
     # The first micro-batch keeps one pair of two, the second both (the minibatch order is fixed below).
     batch = dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
                  rewards=torch.tensor([1.0, 0.0, 2.0, -1.0, 0.0, 0.0, 0.0, 0.0]),
@@ -137,7 +137,7 @@ def test_refuel_update_weighs_every_kept_pair_equally_across_micro_batches(tiny_
     args = refuel.Args(num_passes=1, num_minibatches=1, grad_accum_steps=2, eta=1.0, temperature=1.0)
 
     # Expected gradient: the regression's mean over the 3 kept pairs, from one forward of the whole batch.
-    logp = common.response_logprobs(policy, query, query_mask, responses, mask, 1.0).sum(1)
+    logp = common.logprobs(policy, query, query_mask, responses, mask, 1.0).sum(1)
     residual = logp[:b] - logp_old[:b] - (logp[b:] - logp_old[b:]) - (batch["rewards"][:b] - batch["rewards"][b:])
     expected_loss = (batch["keep"] * residual ** 2).sum() / 3
     expected = torch.autograd.grad(expected_loss, list(policy.parameters()))
@@ -148,7 +148,7 @@ def test_refuel_update_weighs_every_kept_pair_equally_across_micro_batches(tiny_
     real_randperm = torch.randperm
     try:
         torch.randperm = lambda n, **kw: torch.arange(n)  # micro-batches {0, 1} and {2, 3}
-        refuel.update(policy, optimizer, scheduler, batch, args, CPU, torch.float32)
+        refuel.update(policy, optimizer, scheduler, batch, args, common.precision("float32", CPU)[1])
     finally:
         torch.randperm = real_randperm
     steps = [b0 - p.detach() for b0, p in zip(before, policy.parameters())]  # SGD, lr 1: the gradient itself

@@ -110,7 +110,7 @@ def test_rollout_starts_every_episode_at_the_bare_prompt(tiny_llama):
         return torch.zeros(len(given[-1]))
 
     torch.manual_seed(0)
-    batch = ppo.rollout(model, reference, tokenizer, rows, score, args, cpu, torch.float32)
+    batch = ppo.rollout(model, reference, tokenizer, rows, score, args, common.precision("float32", cpu)[1])
     query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
     assert query_mask[0, 0] == 0  # the prompts differ in length, so left padding is exercised
     assert torch.equal(batch["query"], query) and torch.equal(batch["query_mask"], query_mask)

@@ -47,7 +47,7 @@ def test_gradient_step_pushes_the_better_response_up(tiny_llama):
     mask = common.eos_mask(response, tokenizer.eos_token_id)
 
     def margin():
-        logp = common.response_logprobs(model, query, query_mask, response, mask, 1.0).sum(1)
+        logp = common.logprobs(model, query, query_mask, response, mask, 1.0).sum(1)
         return logp, logp[0] - logp[1]
 
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_rollout_pairs_come_from_the_chosen_source(mu, tiny_llama, tmp_path):
         return torch.zeros(len(given[-1]))
 
     torch.manual_seed(0)
-    batch = rebel.rollout(policy, reference, tokenizer, rows, score, args, CPU, torch.float32)
+    batch = rebel.rollout(policy, reference, tokenizer, rows, score, args, common.precision("float32", CPU)[1])
     texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
     assert batch["responses"].shape == (6, 5)
     assert torch.equal(batch["query"][:3], batch["query"][3:])  # y and y' answer the same prompts
@@ -109,6 +109,11 @@ def test_rollout_pairs_come_from_the_chosen_source(mu, tiny_llama, tmp_path):
     kl_pair = {"policy": 5 * per_token, "reference": -5 * per_token, "dataset": 0.0}[mu]
     torch.testing.assert_close(batch["kl"], torch.tensor([5 * per_token] * 3 + [kl_pair] * 3), atol=1e-3, rtol=0)
     assert torch.allclose(batch["rewards"], batch["scores"] - 0.1 * batch["kl"])
+    # The no-EOS penalty (default -1) replaces the score of every response that never ended: pi_t's and pi_ref's
+    # five letters have no EOS, the dataset's answers end with one and keep their score 0.
+    ended = batch["ended"].bool()
+    assert not ended[:3].any() and ended[3:].all() == (mu == "dataset")
+    assert torch.equal(batch["scores"], torch.where(ended, 0.0, args.eos_penalty))
 
 
 def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):

@@ -113,7 +113,7 @@ def test_futures_share_the_history_up_to_turn_h(kind, tiny_llama, tiny_gpt2, tin
     torch.manual_seed(0)
     b = 12
     rows = first_turns(b)
-    batch = refuel.rollout(policy, None, tokenizer, user, score, rows, args, CPU, torch.float32)
+    batch = refuel.rollout(policy, None, tokenizer, user, score, rows, args, common.precision("float32", CPU)[1])
     dialogues = batch["dialogues"]
     assert len(dialogues) == 2 * b and len(batch["rewards"]) == 2 * b
     for i in range(b):
@@ -154,7 +154,7 @@ def test_futures_share_the_history_up_to_turn_h(kind, tiny_llama, tiny_gpt2, tin
     assert batch["keep"].sum() >= b // 2  # sampled at T = 0.8: most turn-h answers differ
     assert sorted(set(batch["horizons"])) == [1, 2, 3]
     # The recorded log-probs are pi_t's on exactly these tokens.
-    logp = common.response_logprobs(policy, batch["query"], batch["query_mask"], batch["responses"], batch["mask"],
+    logp = common.logprobs(policy, batch["query"], batch["query_mask"], batch["responses"], batch["mask"],
                                     args.temperature).sum(1)
     assert torch.allclose(logp, batch["logp_old"], atol=1e-4)
 
