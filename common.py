@@ -36,20 +36,24 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-def check_positive(args, *flags: str):
-    """One clear error line for the first of these integer/float flags that is not positive."""
-    for flag in flags:
+def check_flags(args, world_size: int, positive: tuple = (), batch_split: tuple = ()):
+    """The flag checks every script shares, one clear error line for the first failure, before anything is loaded:
+    each flag in `positive` > 0; --batch-size a multiple of the processes times each flag in `batch_split` (e.g.
+    minibatches, then gradient-accumulation micro-batches); and, for whichever of these flags the script has, a
+    positive --lr, a --warmup-ratio in [0, 1), an --output-dir that can be written (checked without creating
+    anything), a --report-to package that is installed, and a reward that fits the dataset (the default rule reward
+    scores only the embedded task, so any other --dataset needs --reward-model or --reward-fn)."""
+    for flag in positive + ("lr",) * hasattr(args, "lr"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-
-
-def check_shared_flags(args):
-    """The checks every training script needs, for whichever of these flags it has: a positive --lr, a
-    --warmup-ratio in [0, 1), an --output-dir that can be written (checked without creating anything), a
-    --report-to package that is installed, and a reward that fits the dataset (the default rule reward scores only
-    the embedded task, so any other --dataset needs --reward-model or --reward-fn)."""
-    if getattr(args, "lr", 1) <= 0:
-        fail(f"--lr must be positive, got {args.lr}")
+    if batch_split:
+        per_step = world_size
+        for flag in batch_split:
+            per_step *= getattr(args, flag)
+        if args.batch_size <= 0 or args.batch_size % per_step:
+            parts = " x ".join([f"processes ({world_size})"] + [f"--{f.replace('_', '-')} ({getattr(args, f)})"
+                                                                 for f in batch_split])
+            fail(f"--batch-size {args.batch_size} must be a positive multiple of {parts}")
     if not 0 <= getattr(args, "warmup_ratio", 0) < 1:
         fail(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if getattr(args, "output_dir", None):
@@ -74,23 +78,13 @@ def check_output_dir(path: str):
         fail(f"--output-dir {path}: cannot write there ({existing} is not a writable folder)")
 
 
-def check_batch_split(args, world_size: int, *flags: str):
-    """--batch-size must split evenly over the processes and then over each of `flags` (e.g. minibatches, then
-    gradient-accumulation micro-batches)."""
-    per_step = world_size
-    for flag in flags:
-        per_step *= getattr(args, flag)
-    if args.batch_size <= 0 or args.batch_size % per_step:
-        parts = " x ".join([f"processes ({world_size})"] + [f"--{f.replace('_', '-')} ({getattr(args, f)})"
-                                                             for f in flags])
-        fail(f"--batch-size {args.batch_size} must be a positive multiple of {parts}")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed setup (torchrun) and seeding
 # ----------------------------------------------------------------------------------------------------------------
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes in the environment; return (rank, world_size, device).
+def setup(seed: int) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes in the environment and seed python and torch with seed + rank (ranks
+    sample different responses, runs are repeatable); return (rank, world_size, device).
 
     nccl on GPUs, gloo on CPU. A plain `python script.py` is world size 1 and initialises nothing."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -100,6 +94,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
     return rank, world_size, device
 
 
@@ -118,12 +114,6 @@ def barrier():
     """Wait for every rank (no-op in a single process)."""
     if dist.is_initialized():
         dist.barrier()
-
-
-def seed_everything(seed: int, rank: int = 0):
-    """Seed python and torch with seed + rank: ranks sample different responses, runs are repeatable."""
-    random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -633,33 +623,21 @@ def make_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: i
                          num_training_steps=total_steps)
 
 
-def mean_over_ranks(metrics: dict, device) -> dict:
-    """Each metric's mean over all processes, as floats. A loss that is NaN or infinite stops the run here: every
-    rank sees the same means, so all stop together, before anything is saved (an earlier model in --output-dir
-    stays as it was)."""
-    values = all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float().detach()
-                                          for v in metrics.values()]))
-    means = dict(zip(metrics, values.tolist()))
-    for key, value in means.items():
-        if "loss" in key and not torch.isfinite(torch.tensor(value)):
-            fail(f"the {key} is {value}: stopping without saving (lower --lr, or check the rewards)")
-    return means
+def make_logger(output_dir: str, report_to: str, config: dict, device):
+    """log(metrics, step), called on every rank: each metric's mean over all processes, then (rank 0) one line on
+    stdout, a JSON line in output_dir/metrics.jsonl, and tensorboard or wandb when --report-to asks for it.
 
-
-def make_logger(output_dir: str, report_to: str, config: dict):
-    """log(metrics, step): one line on stdout, a JSON line in output_dir/metrics.jsonl, and tensorboard or wandb
-    when --report-to asks for it (rank 0 only)."""
-    if not is_main():
-        return lambda metrics, step: None
+    A loss that is NaN or infinite stops the run there: every rank sees the same means, so all stop together, before
+    anything is saved (an earlier model and its metrics.jsonl in --output-dir stay as they were)."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "metrics.jsonl")
     started = []  # metrics.jsonl is rewritten at the first log, so a run stopped before it keeps an earlier file
     writer = None
-    if report_to == "tensorboard":
+    if is_main() and report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(output_dir)
-    elif report_to == "wandb":
+    elif is_main() and report_to == "wandb":
         import wandb
 
         wandb.init(config=config, dir=output_dir)
@@ -667,6 +645,14 @@ def make_logger(output_dir: str, report_to: str, config: dict):
     def log(metrics: dict, step: int):
         from tqdm import tqdm
 
+        values = all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float().detach()
+                                              for v in metrics.values()]))
+        metrics = dict(zip(metrics, values.tolist()))
+        for key, value in metrics.items():
+            if "loss" in key and not torch.isfinite(torch.tensor(value)):
+                fail(f"the {key} is {value}: stopping without saving (lower --lr, or check the rewards)")
+        if not is_main():
+            return
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         with open(path, "a" if started else "w") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -89,12 +89,11 @@ class Args:
 
 def check_args(args: Args, world_size: int):
     """Reject bad flags with one clear line, before anything is loaded."""
-    common.check_positive(args, "num_epochs", "grad_accum_steps", "num_eval_pairs", "max_prompt_length",
-                          "max_response_length", "max_new_tokens", "log_every", "micro_batch_size")
-    common.check_batch_split(args, world_size, "grad_accum_steps")
+    common.check_flags(args, world_size, batch_split=("grad_accum_steps",),
+                       positive=("num_epochs", "grad_accum_steps", "num_eval_pairs", "max_prompt_length",
+                                 "max_response_length", "max_new_tokens", "log_every", "micro_batch_size"))
     if args.beta <= 0:
         common.fail(f"--beta must be positive, got {args.beta}")
-    common.check_shared_flags(args)
 
 
 def dpo_loss(logp_chosen: torch.Tensor, logp_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -155,9 +154,8 @@ STAT_NAMES = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
 
 def main(args: Args):
     args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = common.setup(args.seed)
     check_args(args, world_size)
-    common.seed_everything(args.seed, rank)
     dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
@@ -177,7 +175,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -219,8 +217,7 @@ def main(args: Args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == num_steps:
-            log(common.mean_over_ranks(dict(zip(STAT_NAMES, torch.stack(stats).mean(0))), device)
-                | {"lr": scheduler.get_last_lr()[0]}, step)
+            log(dict(zip(STAT_NAMES, torch.stack(stats).mean(0))) | {"lr": scheduler.get_last_lr()[0]}, step)
             stats = []
 
     after = evaluate()

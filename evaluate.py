@@ -98,12 +98,11 @@ def check_args(args: Args, world_size: int):
         common.fail("give --judge-model or --judge-fn, not both")
     if args.temperature <= 0:
         common.fail(f"--temperature must be positive (the KL is estimated on samples), got {args.temperature}")
-    common.check_positive(args, "num_prompts", "judge_max_new_tokens", "max_new_tokens", "max_prompt_length",
-                          "micro_batch_size")
+    common.check_flags(args, world_size, positive=("num_prompts", "judge_max_new_tokens", "max_new_tokens",
+                                                   "max_prompt_length", "micro_batch_size"))
     for field in re.findall(r"{(\w*)}", args.judge_prompt):
         if field not in ("prompt", "a", "b"):
             common.fail(f"--judge-prompt: unknown field {{{field}}} (use {{prompt}}, {{a}} and {{b}})")
-    common.check_shared_flags(args)
 
 
 @torch.no_grad()
@@ -202,7 +201,7 @@ def plot(results: list[dict], path: str) -> bool:
 
 
 def main(args: Args):
-    _, world_size, device = common.setup_distributed()
+    _, world_size, device = common.setup(args.seed)
     check_args(args, world_size)
     dtype, amp = common.precision(args.dtype, device)
     judging = args.judge_model is not None or args.judge_fn is not None
@@ -229,7 +228,7 @@ def main(args: Args):
 
     results, samples = [], []
     for name in args.policy:
-        common.seed_everything(args.seed)  # every policy samples with the same random stream
+        torch.manual_seed(args.seed)  # every policy samples with the same random stream
         policy = reference if name == args.reference else common.load_model(name, device).requires_grad_(False)
         out = sample(policy, reference, tokenizer, rows, score, args, amp)
         n = len(out["responses"])

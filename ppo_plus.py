@@ -129,9 +129,9 @@ class Args:
 
 def check_args(args: Args, world_size: int):
     """Reject bad flag combinations with one clear line, before anything is loaded."""
-    common.check_positive(args, "num_iterations", "num_ppo_epochs", "num_minibatches", "grad_accum_steps",
-                          "max_new_tokens", "micro_batch_size", "num_eval_prompts", "max_prompt_length")
-    common.check_batch_split(args, world_size, "num_minibatches", "grad_accum_steps")
+    common.check_flags(args, world_size, batch_split=("num_minibatches", "grad_accum_steps"),
+                       positive=("num_iterations", "num_ppo_epochs", "num_minibatches", "grad_accum_steps",
+                                 "max_new_tokens", "micro_batch_size", "num_eval_prompts", "max_prompt_length"))
     if args.temperature <= 0:
         common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
     for flag in ("gamma", "lam", "beta"):
@@ -140,7 +140,6 @@ def check_args(args: Args, world_size: int):
     for flag in ("cliprange", "cliprange_value", "vf_coef"):
         if getattr(args, flag) < 0:
             common.fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    common.check_shared_flags(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,9 +329,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 def main(args: Args):
     args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = common.setup(args.seed)
     check_args(args, world_size)
-    common.seed_everything(args.seed, rank)
     dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
@@ -351,7 +349,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
     def evaluate():  # always from the bare prompt
         with amp():
@@ -374,7 +372,7 @@ def main(args: Args):
                    "explained_variance": explained_variance(batch["values"], batch["returns"], batch["mask"]),
                    "reset_fraction": (batch["prefix_length"] > 0).float().mean(),
                    "prefix_length": batch["prefix_length"].mean(), **stats}
-        log(common.mean_over_ranks(metrics, device) | {"lr": scheduler.get_last_lr()[0]}, iteration)
+        log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
     after = evaluate()
     common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")

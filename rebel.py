@@ -102,14 +102,13 @@ class Args:
 
 def check_args(args: Args, world_size: int):
     """Reject bad flag combinations with one clear line, before anything is loaded."""
-    common.check_positive(args, "num_iterations", "num_passes", "num_minibatches", "grad_accum_steps", "max_new_tokens",
-                          "micro_batch_size", "num_eval_prompts", "max_prompt_length")
-    common.check_batch_split(args, world_size, "num_minibatches", "grad_accum_steps")
+    common.check_flags(args, world_size, batch_split=("num_minibatches", "grad_accum_steps"),
+                       positive=("num_iterations", "num_passes", "num_minibatches", "grad_accum_steps",
+                                 "max_new_tokens", "micro_batch_size", "num_eval_prompts", "max_prompt_length"))
     if args.temperature <= 0:
         common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
     if args.eta <= 0:
         common.fail(f"--eta must be positive, got {args.eta}")
-    common.check_shared_flags(args)
 
 
 def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
@@ -190,9 +189,8 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
 
 def main(args: Args):
     args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = common.setup(args.seed)
     check_args(args, world_size)
-    common.seed_everything(args.seed, rank)
     dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
@@ -211,7 +209,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
     def evaluate():
         with amp():
@@ -229,7 +227,7 @@ def main(args: Args):
         # 3. Log the mean over all processes.
         metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "eos_fraction": batch["ended"].mean(),
                    "length": batch["mask"].sum(1).float().mean(), **stats}
-        log(common.mean_over_ranks(metrics, device) | {"lr": scheduler.get_last_lr()[0]}, iteration)
+        log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
     after = evaluate()
     common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")

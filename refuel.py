@@ -133,17 +133,16 @@ class Args:
 
 def check_args(args: Args, world_size: int):
     """Reject bad flag combinations with one clear line, before anything is loaded."""
-    common.check_positive(args, "max_turns", "num_iterations", "num_passes", "num_minibatches", "grad_accum_steps",
-                          "max_new_tokens", "user_max_new_tokens", "micro_batch_size", "num_eval_prompts",
-                          "max_prompt_length")
-    common.check_batch_split(args, world_size, "num_minibatches", "grad_accum_steps")
+    common.check_flags(args, world_size, batch_split=("num_minibatches", "grad_accum_steps"),
+                       positive=("max_turns", "num_iterations", "num_passes", "num_minibatches", "grad_accum_steps",
+                                 "max_new_tokens", "user_max_new_tokens", "micro_batch_size", "num_eval_prompts",
+                                 "max_prompt_length"))
     if args.temperature <= 0:
         common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
     if args.eta <= 0:
         common.fail(f"--eta must be positive, got {args.eta}")
     if "{conversation}" not in args.user_prompt:
         common.fail("--user-prompt must contain {conversation}")
-    common.check_shared_flags(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,9 +392,8 @@ def evaluate(policy, tokenizer, user, score, rows: list[dict], args: Args, amp) 
 
 def main(args: Args):
     args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = common.setup(args.seed)
     check_args(args, world_size)
-    common.seed_everything(args.seed, rank)
     dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
@@ -415,7 +413,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
     before = evaluate(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("before training, eval reward per turn: " + " ".join(f"{v:.3f}" for v in before))
@@ -430,7 +428,7 @@ def main(args: Args):
                    "horizon": torch.tensor(batch["horizons"], dtype=torch.float).mean(),
                    "reset_turn": torch.tensor(batch["resets"], dtype=torch.float).mean(),
                    "turn_h_length": batch["mask"].sum(1).float().mean(), **stats}
-        log(common.mean_over_ranks(metrics, device) | {"lr": scheduler.get_last_lr()[0]}, iteration)
+        log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
     after = evaluate(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("eval reward per turn (accuracy for the embedded task)\nturn  before  after")

@@ -82,10 +82,9 @@ class Args:
 
 def check_args(args: Args, world_size: int):
     """Reject bad flags with one clear line, before anything is loaded."""
-    common.check_positive(args, "num_epochs", "grad_accum_steps", "num_eval_pairs", "num_normalize", "log_every",
-                          "micro_batch_size")
-    common.check_batch_split(args, world_size, "grad_accum_steps")
-    common.check_shared_flags(args)
+    common.check_flags(args, world_size, batch_split=("grad_accum_steps",),
+                       positive=("num_epochs", "grad_accum_steps", "num_eval_pairs", "num_normalize", "log_every",
+                                 "micro_batch_size"))
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -136,9 +135,8 @@ def accuracy(model, tokenizer, rows, micro_batch: int, device) -> dict:
 
 def main(args: Args):
     args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = common.setup(args.seed)
     check_args(args, world_size)
-    common.seed_everything(args.seed, rank)
     dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
@@ -155,7 +153,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
     def evaluate() -> dict:
         with amp():
@@ -183,8 +181,8 @@ def main(args: Args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == num_steps:
-            log(common.mean_over_ranks(dict(zip(("loss", "accuracy", "margin"), torch.stack(stats).mean(0))), device)
-                | {"lr": scheduler.get_last_lr()[0]}, step)
+            metrics = dict(zip(("loss", "accuracy", "margin"), torch.stack(stats).mean(0)))
+            log(metrics | {"lr": scheduler.get_last_lr()[0]}, step)
             stats = []
 
     after = evaluate()

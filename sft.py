@@ -83,10 +83,9 @@ class Args:
 
 def check_args(args: Args, world_size: int):
     """Reject bad flags with one clear line, before anything is loaded."""
-    common.check_positive(args, "num_epochs", "grad_accum_steps", "max_prompt_length", "max_response_length",
-                          "num_eval_prompts", "max_new_tokens", "log_every", "micro_batch_size")
-    common.check_batch_split(args, world_size, "grad_accum_steps")
-    common.check_shared_flags(args)
+    common.check_flags(args, world_size, batch_split=("grad_accum_steps",),
+                       positive=("num_epochs", "grad_accum_steps", "max_prompt_length", "max_response_length",
+                                 "num_eval_prompts", "max_new_tokens", "log_every", "micro_batch_size"))
 
 
 def sft_batch(rows: list[dict], pad_id: int, max_response_length: int, device=None) -> dict:
@@ -131,9 +130,8 @@ def eval_loss(model, rows, tokenizer, args: Args, amp) -> float:
 
 def main(args: Args):
     args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup_distributed()
+    rank, world_size, device = common.setup(args.seed)
     check_args(args, world_size)
-    common.seed_everything(args.seed, rank)
     dtype, amp = common.precision(args.dtype, device)
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
@@ -151,7 +149,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args))
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
     def evaluate() -> dict:
         metrics = {"loss": eval_loss(common.unwrap(model), eval_rows, tokenizer, args, amp)}
@@ -179,8 +177,7 @@ def main(args: Args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == num_steps:
-            log(common.mean_over_ranks({"loss": torch.stack(losses).mean()}, device)
-                | {"lr": scheduler.get_last_lr()[0]}, step)
+            log({"loss": torch.stack(losses).mean(), "lr": scheduler.get_last_lr()[0]}, step)
             losses = []
 
     after = evaluate()

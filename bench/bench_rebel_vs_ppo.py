@@ -64,8 +64,7 @@ def run_one(args: Args, name: str) -> dict:
     import ppo
     import rebel
 
-    _, _, device = common.setup_distributed()
-    common.seed_everything(args.seed)
+    _, _, device = common.setup(args.seed)
     dtype, amp = common.precision("auto", device)
     shared = dict(model=args.model, reward_fn=args.reward_fn, dataset=args.dataset, max_new_tokens=args.max_new_tokens,
                   num_minibatches=args.num_minibatches, micro_batch_size=args.micro_batch_size, seed=args.seed)

@@ -1,8 +1,12 @@
-"""Fixtures: tiny random models and tokenizers, saved to a temp dir and loaded back through `from_pretrained`.
+"""Fixtures: tiny random models and tokenizers, saved to a temp dir and loaded back through `from_pretrained`; and
+the small helpers every test module shares (`from conftest import ROOT, ENV, CPU, REWARDS, write_jsonl, ...`:
+pytest puts tests/ on sys.path, so this module is importable as `conftest`).
 
 The offline variables are set before transformers is imported, so nothing waits on the model hub."""
 
+import json
 import os
+import socket
 import string
 import sys
 
@@ -10,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""the repository root: the scripts live here, and subprocesses run with it as their cwd"""
 sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
@@ -23,6 +28,40 @@ from transformers import (  # noqa: E402
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------------------
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+"""environment of a script run in a subprocess: offline, a wide terminal (one-line errors and help stay unwrapped),
+one thread per process"""
+CPU = torch.device("cpu")
+REWARDS = os.path.join(ROOT, "tests", "rewards.py")
+"""rule rewards (and REFUEL's rule user) for `--reward-fn REWARDS:fraction_of_a` and the like"""
+
+
+def write_jsonl(path, rows) -> str:
+    """Write `rows` (dicts) to the pathlib.Path `path`, one JSON object a line; returns the path as a string."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def read_jsonl(path) -> list[dict]:
+    """The rows of a .jsonl file (metrics.jsonl, samples.jsonl, ...)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_prompts(path, n: int = 64) -> str:
+    """n counting prompts of varied lengths, each with a one-number reference completion."""
+    return write_jsonl(path, [{"prompt": f"Count: {i} {'ab' * (i % 5)}", "completion": f" {i + 1}"} for i in range(n)])
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for torchrun's --master-port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:

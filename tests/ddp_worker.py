@@ -17,7 +17,7 @@ import common  # noqa: E402
 import rebel  # noqa: E402
 
 model_dir, out = sys.argv[1:3]
-rank, world, device = common.setup_distributed()
+rank, world, device = common.setup(seed=0)
 tokenizer = common.load_tokenizer(model_dir)
 policy = common.load_model(model_dir, device)
 

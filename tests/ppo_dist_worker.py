@@ -44,7 +44,7 @@ def fixed_rollout(model, tokenizer, args) -> dict:
 
 
 def main(model_dir: str, out_dir: str):
-    rank, world, device = common.setup_distributed()
+    rank, world, device = common.setup(seed=0)
     args = ppo.Args(model=model_dir, batch_size=BATCH, num_iterations=1, num_ppo_epochs=2, num_minibatches=1,
                     grad_accum_steps=2, lr=1e-2, temperature=0.7, whiten_rewards=True)
     ppo.check_args(args, world)

@@ -4,6 +4,7 @@ import torch
 from datasets import Dataset
 
 import common
+from conftest import CPU
 
 
 def chi_square(counts: torch.Tensor) -> float:
@@ -36,18 +37,18 @@ def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[
                        eos_penalty=None, lr=1e-3, **reset_flags)
     tokenizer = common.load_tokenizer(model_dir)
     rows = tiny_rows(tokenizer)
-    policy = common.load_model(model_dir, torch.device("cpu"))
-    value = module.load_value_model(args, torch.device("cpu"))
+    policy = common.load_model(model_dir, CPU)
+    value = module.load_value_model(args, CPU)
     torch.nn.init.normal_(value.score.weight, std=0.5)  # a nonzero value head, so value gradients reach the backbone
     model = module.PolicyAndValue(policy, value)
-    reference = common.load_model(model_dir, torch.device("cpu")).requires_grad_(False)
+    reference = common.load_model(model_dir, CPU).requires_grad_(False)
     scored = []
 
     def score(rows, responses):
         scored.extend(responses)
         return torch.tensor([r.count("a") / max(len(r), 1) + 1.0 for r in responses])
 
-    amp = common.precision("float32", torch.device("cpu"))[1]
+    amp = common.precision("float32", CPU)[1]
     batch = module.rollout(model, reference, tokenizer, rows, score, args, amp)
     batch |= module.advantages_and_returns(batch, args)
     b, width = len(rows), args.max_new_tokens

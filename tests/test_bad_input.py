@@ -7,10 +7,8 @@ instead of stalling the suite; a few run the command line to see the exact stder
 
 import contextlib
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -27,10 +25,8 @@ import rebel
 import refuel
 import reward
 import sft
+from conftest import ENV, REWARDS, ROOT, free_port, write_prompts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-REWARDS = os.path.join(ROOT, "tests", "rewards.py")
 FRACTION_OF_A = f"{REWARDS}:fraction_of_a"
 TRAINING = [rebel, ppo, ppo_plus, drpo, refuel, sft, dpo, reward]
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl")
@@ -73,13 +69,6 @@ def user_fns(tmp_path) -> str:
 def line_of(text: str) -> int:
     """1-based line of `text` in USER_FUNCTIONS."""
     return next(i for i, line in enumerate(USER_FUNCTIONS.splitlines(), 1) if text in line)
-
-
-def write_prompts(path, n: int) -> str:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"Count: {i} {'ab' * (i % 5)}", "completion": f" {i + 1}"}) + "\n")
-    return str(path)
 
 
 def write_pairs(path, n: int) -> str:
@@ -333,12 +322,6 @@ def test_warmup_ratio_must_be_below_one(module):
 # 10. fewer evaluation rows than processes: a rank with no evaluation rows still takes part (the old code's
 #     common.shard raised IndexError on it)
 # ----------------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("script", ["rebel.py", "sft.py", "dpo.py"])
 def test_one_eval_row_on_two_processes(script, tiny_llama, tmp_path):
     out = tmp_path / "out"

@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import common
 import embedded
-
-CPU = torch.device("cpu")
+from conftest import CPU
 
 
 def hand_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> list[float]:
@@ -260,7 +259,12 @@ def test_flag_checks_name_the_flag_at_fault():
         batch_size, num_minibatches, grad_accum_steps, lr = 12, 2, 4, 0.0
 
     with pytest.raises(SystemExit, match=r"^error: --lr must be positive, got 0.0$"):
-        common.check_positive(Args, "num_minibatches", "lr")
-    common.check_batch_split(Args, 1, "num_minibatches")  # 12 = 1 x 2 x 6
+        common.check_flags(Args, 1, positive=("num_minibatches",))
+    Args.lr = 1e-5
+    with pytest.raises(SystemExit, match=r"^error: --num-minibatches must be positive, got 0$"):
+        Args.num_minibatches = 0
+        common.check_flags(Args, 1, positive=("num_minibatches",))
+    Args.num_minibatches = 2
+    common.check_flags(Args, 1, batch_split=("num_minibatches",))  # 12 = 1 x 2 x 6
     with pytest.raises(SystemExit, match=r"processes \(1\) x --num-minibatches \(2\) x --grad-accum-steps \(4\)$"):
-        common.check_batch_split(Args, 1, "num_minibatches", "grad_accum_steps")
+        common.check_flags(Args, 1, batch_split=("num_minibatches", "grad_accum_steps"))

@@ -4,7 +4,6 @@ TRL (reward functions with dataset columns as keywords) and transformers (learni
 
 import json
 import math
-import os
 import shutil
 
 import pytest
@@ -23,18 +22,11 @@ import rebel
 import refuel
 import reward
 import sft
-
-CPU = torch.device("cpu")
-REWARDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rewards.py")
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from conftest import CPU, REWARDS, read_jsonl, write_jsonl
 
 
 def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------------

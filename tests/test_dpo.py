@@ -1,7 +1,6 @@
 """dpo.py: the loss formula, sequences identical to the RL scripts', log 2 at the first step, a separable task
 learned to a stated held-out accuracy, a missing column."""
 
-import json
 import math
 import random
 import string
@@ -12,11 +11,7 @@ from datasets import Dataset
 
 import common
 import dpo
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from conftest import read_jsonl, write_jsonl
 
 
 def test_dpo_loss_is_the_formula_on_hand_made_numbers():
@@ -58,7 +53,7 @@ def test_dpo_learns_a_separable_task(tiny_llama, tmp_path):
     out = tmp_path / "dpo"
     dpo.main(dpo.Args(model=tiny_llama, dataset=data, num_eval_pairs=32, output_dir=str(out), num_epochs=2.0,
                       batch_size=16, lr=3e-3, beta=0.5, reward_fn=None, log_every=1))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(out / "metrics.jsonl")
     # at the first step the policy is the reference: every margin is 0 and the loss is exactly ln 2
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert metrics[0]["margin"] == pytest.approx(0.0, abs=1e-5)

@@ -9,8 +9,7 @@ import torch
 
 import common
 import embedded
-
-CPU = torch.device("cpu")
+from conftest import CPU
 
 
 class Connection:

@@ -9,13 +9,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 import evaluate
-from conftest import llama_config, make_tokenizer, save
+from conftest import llama_config, make_tokenizer, read_jsonl, save, write_jsonl
 from pipeline_fns import always_a, always_b, longer_wins, no_answer
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def qa_rows(n: int) -> list[dict]:
@@ -65,7 +60,7 @@ def test_evaluate_two_policies(tiny_llama, other_llama, tmp_path):
                                 judge_fn="tests/pipeline_fns.py:longer_wins", max_new_tokens=8,
                                 output_dir=str(out)))
     summary = json.loads((out / "eval.json").read_text())
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = read_jsonl(out / "samples.jsonl")
     assert [r["policy"] for r in summary["policies"]] == [tiny_llama, other_llama]
     assert summary["num_prompts"] == 12 and len(samples) == 24
     same, other = summary["policies"]
@@ -92,7 +87,7 @@ def test_a_chat_model_judges(tiny_llama, tmp_path):
                                 reward_fn="tests/pipeline_fns.py:response_length", judge_model=tiny_llama,
                                 judge_max_new_tokens=4, max_new_tokens=4, output_dir=str(out)))
     (result,) = json.loads((out / "eval.json").read_text())["policies"]
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = read_jsonl(out / "samples.jsonl")
     # whatever a random judge writes, the win rate is the mean of its parsed verdicts
     verdicts = [evaluate.parse_choice(s["judge_answer"]) for s in samples]
     assert result["judge_ties"] == verdicts.count(None)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ppo
+from conftest import CPU
 
 
 def test_gae_matches_hand_computed_example():
@@ -93,14 +94,13 @@ def test_rollout_starts_every_episode_at_the_bare_prompt(tiny_llama):
 
     import common
 
-    cpu = torch.device("cpu")
     tokenizer = common.load_tokenizer(tiny_llama)
     args = ppo.Args(model=tiny_llama, max_new_tokens=6, micro_batch_size=2, temperature=0.7)
-    policy, reference = common.load_model(tiny_llama, cpu), common.load_model(tiny_llama, cpu)
+    policy, reference = common.load_model(tiny_llama, CPU), common.load_model(tiny_llama, CPU)
     with torch.no_grad():  # sharpen pi_t (= pi_ref): its samples then depend on the context they were drawn from
         policy.lm_head.weight.mul_(20.0)
         reference.lm_head.weight.mul_(20.0)
-    model = ppo.PolicyAndValue(policy, ppo.load_value_model(args, cpu))
+    model = ppo.PolicyAndValue(policy, ppo.load_value_model(args, CPU))
     data = Dataset.from_list([{"prompt": p, "completion": " hello"} for p in ["Hi", "Say 12345:", "What?"]])
     rows = list(common.tokenize_prompts(data, tokenizer, 64))
     seen = []
@@ -110,7 +110,7 @@ def test_rollout_starts_every_episode_at_the_bare_prompt(tiny_llama):
         return torch.zeros(len(given[-1]))
 
     torch.manual_seed(0)
-    batch = ppo.rollout(model, reference, tokenizer, rows, score, args, common.precision("float32", cpu)[1])
+    batch = ppo.rollout(model, reference, tokenizer, rows, score, args, common.precision("float32", CPU)[1])
     query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
     assert query_mask[0, 0] == 0  # the prompts differ in length, so left padding is exercised
     assert torch.equal(batch["query"], query) and torch.equal(batch["query_mask"], query_mask)

@@ -6,7 +6,6 @@ over the global batch and runs ppo.update (2 epochs, gradient accumulation over 
 first). One minibatch per epoch: with several, each rank draws its own split into minibatches."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,20 +13,13 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import common
+from conftest import CPU, ENV, ROOT, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "ppo_dist_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -44,8 +36,8 @@ def test_two_processes_match_one(tiny_llama, tmp_path):
             torch.testing.assert_close(out[key], one[key][r::2], atol=1e-6, rtol=0)
 
     # parameters: both ranks identical, and equal to the single process's
-    initial = common.load_model(tiny_llama, torch.device("cpu")).state_dict()
-    value = common.load_model(tiny_llama, torch.device("cpu"), cls=AutoModelForSequenceClassification, num_labels=1)
+    initial = common.load_model(tiny_llama, CPU).state_dict()
+    value = common.load_model(tiny_llama, CPU, cls=AutoModelForSequenceClassification, num_labels=1)
     initial = {f"policy.{k}": v for k, v in initial.items()} | {f"value.{k}": v for k, v in value.state_dict().items()}
     moved = 0.0
     for name, p in one["params"].items():

@@ -8,6 +8,7 @@ import torch
 
 import common
 import ppo_plus
+from conftest import CPU
 from ppo_testlib import check_learning_and_bare_evaluation
 from ppo_testlib_resets import CHI2_999, check_prefix_is_context_only, chi_square
 
@@ -45,7 +46,7 @@ def test_rollin_stops_before_the_guides_eos(tiny_llama):
     args = ppo_plus.Args(max_new_tokens=6, beta=0.0)
     torch.manual_seed(0)
     guide = ScriptedGuide(keys, script)
-    draws = [ppo_plus.rollin(guide, tokenizer, rows, args, torch.device("cpu")) for _ in range(1500)]
+    draws = [ppo_plus.rollin(guide, tokenizer, rows, args, CPU) for _ in range(1500)]
     assert all(d[0] == [] for d in draws)
     assert all(d[3] == [c] for d in draws)
     assert all(eos not in p for d in draws for p in d)
@@ -57,7 +58,7 @@ def test_rollin_stops_before_the_guides_eos(tiny_llama):
 
     # beta: the probability of starting at the bare prompt (rows 1-3 would otherwise always be reset)
     args = ppo_plus.Args(max_new_tokens=6, beta=0.3)
-    draws = [ppo_plus.rollin(guide, tokenizer, rows, args, torch.device("cpu")) for _ in range(1500)]
+    draws = [ppo_plus.rollin(guide, tokenizer, rows, args, CPU) for _ in range(1500)]
     bare = sum(p == [] for d in draws for p in d[1:])
     assert abs(bare / 4500 - 0.3) < 4 * (0.3 * 0.7 / 4500) ** 0.5
 

@@ -2,9 +2,7 @@
 torchrun equivalence, and the command line."""
 
 import dataclasses
-import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,17 +11,7 @@ import torch
 
 import common
 import rebel
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU = torch.device("cpu")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
-
-
-def write_prompts(path, n=64):
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"Count: {i} {'ab' * (i % 5)}", "completion": f" {i + 1}"}) + "\n")
-    return str(path)
+from conftest import CPU, ENV, ROOT, free_port, read_jsonl, write_prompts
 
 
 def test_rebel_loss_equals_formula_on_hand_made_numbers():
@@ -124,7 +112,7 @@ def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
                           reward_fn="tests/rewards.py:fraction_of_digits", output_dir=str(out), num_iterations=10,
                           batch_size=16, lr=3e-3, eta=10.0, kl_coef=0.0, eos_penalty=None, max_new_tokens=8,
                           num_eval_prompts=16, seed=1))
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = read_jsonl(out / "metrics.jsonl")
     scores = [r["score"] for r in rows if "score" in r]
     assert len(scores) == 10
     assert sum(scores[-3:]) / 3 - sum(scores[:3]) / 3 > 0.08
@@ -133,16 +121,10 @@ def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
     assert not torch.equal(saved.lm_head.weight, common.load_model(tiny_llama, CPU).lm_head.weight)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_worker(nproc: int, model: str, out: str):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={free_port()}",
            os.path.join(ROOT, "tests", "ddp_worker.py"), model, out]
-    result = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)

@@ -2,7 +2,6 @@
 kinds of user through one rollout, the loss, the embedded task's user and reward, and learning end to end."""
 
 import json
-import os
 import random
 
 import pytest
@@ -11,9 +10,7 @@ import torch
 import common
 import embedded
 import refuel
-
-REWARDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rewards.py")
-CPU = torch.device("cpu")
+from conftest import CPU, REWARDS, read_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +209,7 @@ def test_reward_rises(tiny_llama, tmp_path):
                             reward_fn=f"{REWARDS}:dialogue_fraction_of_a", max_turns=3, num_iterations=12,
                             batch_size=16, max_new_tokens=8, lr=3e-3, eta=20.0, num_eval_prompts=8,
                             eos_penalty=None, output_dir=str(out), seed=1))
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(out / "metrics.jsonl")
     scores = [line["score"] for line in lines if "score" in line]
     evals = lines[-1]
     assert len(scores) == 12

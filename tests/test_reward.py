@@ -12,11 +12,7 @@ import torch
 import common
 import embedded
 import reward
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from conftest import CPU, read_jsonl, write_jsonl
 
 
 def test_pairwise_loss_is_the_formula_on_hand_made_numbers():
@@ -60,12 +56,12 @@ def test_reward_model_learns_a_separable_task_and_loads_as_a_scorer(tiny_gpt2, t
     # tiny GPT-2 policy (pad id == EOS id) -> one-label reward model
     reward.main(reward.Args(model=tiny_gpt2, dataset=train, num_eval_pairs=32, output_dir=str(out), num_epochs=2.0,
                             batch_size=16, lr=3e-3, normalize=True, num_normalize=64, log_every=10))
-    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    final = read_jsonl(out / "metrics.jsonl")[-1]
     assert final["eval_accuracy_after"] >= 0.95  # stated target on 32 held-out pairs
     assert final["eval_accuracy_after"] > final["eval_accuracy_before"]
 
     # The RL scripts' loader reads the folder; it ranks fresh held-out pairs the same way.
-    score = common.make_scorer(str(out), "unused:fn", torch.device("cpu"), torch.float32)
+    score = common.make_scorer(str(out), "unused:fn", CPU, torch.float32)
     fresh = [common.split_preference(r) for r in separable_rows(40, seed=1)]
     tokenizer = common.load_tokenizer(str(out))
     prompts = [p for p, _, _ in fresh]

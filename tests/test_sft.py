@@ -1,6 +1,5 @@
 """sft.py: the prompt mask, the loss formula, a tiny model that learns its demonstration, a missing column."""
 
-import json
 import math
 
 import pytest
@@ -10,11 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import common
 import sft
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from conftest import CPU, read_jsonl, write_jsonl
 
 
 def ok_rows(n: int, offset: int = 0) -> list[dict]:
@@ -66,7 +61,7 @@ def test_tiny_model_learns_its_demonstration(tiny_llama, tmp_path):
     sft.main(sft.Args(model=tiny_llama, dataset=data, num_eval_prompts=16, output_dir=str(out), num_epochs=3.0,
                       batch_size=16, lr=3e-3, max_new_tokens=6, reward_fn="tests/pipeline_fns.py:says_ok",
                       log_every=10))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(out / "metrics.jsonl")
     final = metrics[-1]
     assert final["eval_score_before"] == 0.0  # a random model does not say "ok<EOS>"
     assert final["eval_loss_before"] > math.log(50)  # near uniform over ~100 characters
@@ -74,7 +69,7 @@ def test_tiny_model_learns_its_demonstration(tiny_llama, tmp_path):
     assert final["eval_loss_after"] < final["eval_loss_before"] / 2
     # the saved folder is a policy the RL scripts load: it answers "ok" and then EOS
     tokenizer = common.load_tokenizer(str(out))
-    model = common.load_model(str(out), torch.device("cpu"))
+    model = common.load_model(str(out), CPU)
     assert isinstance(model, AutoModelForCausalLM._model_mapping[type(model.config)])
     rows = common.tokenize_prompts(Dataset.from_list(ok_rows(3, offset=1000)), tokenizer, 512)
     query, mask = common.left_pad(rows["input_ids"], tokenizer.pad_token_id)
