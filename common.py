@@ -441,14 +441,15 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
              entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """ln pi(response_t | query, response_<t) at temperature T for every response token, 0 off the mask ([B, R]);
     sum over dim 1 for a sequence's log-prob. entropy=True also returns each position's entropy (a statistic: no
-    gradient). micro_batch splits the batch into forwards of that many sequences (no-grad passes).
+    gradient). With micro_batch, a no-grad pass in forwards of that many sequences (old and reference log-probs).
 
     One forward of query + response: position ids come from the attention mask, so left padding does not shift
     positions, and only the last R+1 positions go through the LM head (logits_to_keep)."""
-    if micro_batch is not None and len(query) > micro_batch:
-        parts = [logprobs(model, query[i:i + micro_batch], query_mask[i:i + micro_batch], response[i:i + micro_batch],
-                          response_mask[i:i + micro_batch], temperature, None, entropy)
-                 for i in range(0, len(query), micro_batch)]
+    if micro_batch is not None:  # no-grad passes (rollouts, evaluation), micro_batch sequences per forward
+        with torch.no_grad():
+            parts = [logprobs(model, query[i:i + micro_batch], query_mask[i:i + micro_batch],
+                              response[i:i + micro_batch], response_mask[i:i + micro_batch], temperature, None, entropy)
+                     for i in range(0, len(query), micro_batch)]
         return tuple(torch.cat(p) for p in zip(*parts)) if entropy else torch.cat(parts)
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),

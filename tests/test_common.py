@@ -53,6 +53,7 @@ def test_logprobs_match_hand_computation_and_ignore_padding(fixture, request):
     with torch.no_grad():
         chunked, entropy = common.logprobs(model, query, query_mask, response, mask, 0.7, micro_batch=1, entropy=True)
     assert torch.allclose(chunked, got, atol=1e-6)
+    assert not common.logprobs(model, query, query_mask, response, mask, 0.7, micro_batch=1).requires_grad  # no graph
     n = len(prompts[0])
     p = logits[0, n - 1].softmax(-1)
     assert entropy[0, 0].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-4)

@@ -24,20 +24,22 @@ from conftest import ENV, REWARDS, ROOT, read_jsonl, write_jsonl, write_prompts
 FRACTION_OF_A = f"{REWARDS}:fraction_of_a"
 # 20 rows: a local file has one split, so its last 2 rows (--num-eval-* 2) are held out and 18 remain to train on
 ROWS = 20
-RL = ["--num-iterations", "1", "--batch-size", "2", "--num-minibatches", "1", "--max-new-tokens", "4",
-      "--num-eval-prompts", "2", "--micro-batch-size", "4", "--reward-fn", FRACTION_OF_A]
-PPO = RL + ["--num-ppo-epochs", "1"]
-OFFLINE = ["--batch-size", "2", "--max-new-tokens", "4", "--micro-batch-size", "4", "--reward-fn", FRACTION_OF_A]
-TRAINING = {rebel: ("prompts", "tiny_llama", RL + ["--num-passes", "1"]),
+ONE_ITERATION = ["--num-iterations", "1", "--batch-size", "2", "--num-minibatches", "1", "--max-new-tokens", "4",
+                 "--num-eval-prompts", "2", "--micro-batch-size", "4"]
+PPO = ONE_ITERATION + ["--num-ppo-epochs", "1", "--reward-fn", FRACTION_OF_A]
+ONE_STEP = ["--batch-size", "2", "--micro-batch-size", "4"]  # a dataset of 18 rows at 0.03 epochs: one step
+EVAL_SCORE = ["--max-new-tokens", "4", "--max-response-length", "8", "--reward-fn", FRACTION_OF_A]
+# script: (dataset, --model fixture, flags)
+TRAINING = {rebel: ("prompts", "tiny_llama", ONE_ITERATION + ["--num-passes", "1", "--reward-fn", FRACTION_OF_A]),
             ppo: ("prompts", "tiny_llama", PPO),
             ppo_plus: ("prompts", "tiny_llama", PPO),
             drpo: ("prompts", "tiny_llama", PPO),
-            refuel: ("dialogues", "tiny_llama",
-                     RL[:-2] + ["--num-passes", "1", "--grad-accum-steps", "1", "--max-turns", "2",
-                                "--user-fn", f"{REWARDS}:echo_user", "--reward-fn", f"{REWARDS}:dialogue_fraction_of_a"]),
-            sft: ("prompts", "tiny_llama", OFFLINE + ["--num-eval-prompts", "2", "--max-response-length", "8"]),
-            dpo: ("pairs", "tiny_llama", OFFLINE + ["--num-eval-pairs", "2", "--max-response-length", "8"]),
-            reward: ("pairs", "tiny_gpt2", ["--batch-size", "2", "--num-eval-pairs", "2", "--micro-batch-size", "4"])}
+            refuel: ("dialogues", "tiny_llama", ONE_ITERATION + [
+                "--num-passes", "1", "--grad-accum-steps", "1", "--max-turns", "2", "--user-fn",
+                f"{REWARDS}:echo_user", "--reward-fn", f"{REWARDS}:dialogue_fraction_of_a"]),
+            sft: ("prompts", "tiny_llama", ONE_STEP + EVAL_SCORE + ["--num-eval-prompts", "2"]),
+            dpo: ("pairs", "tiny_llama", ONE_STEP + EVAL_SCORE + ["--num-eval-pairs", "2"]),
+            reward: ("pairs", "tiny_gpt2", ONE_STEP + ["--num-eval-pairs", "2"])}
 
 
 def name(module) -> str:
