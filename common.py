@@ -13,6 +13,7 @@ import contextlib
 import functools
 import importlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -646,11 +647,12 @@ def make_logger(output_dir: str, report_to: str, config: dict, device):
     def log(metrics: dict, step: int):
         from tqdm import tqdm
 
-        values = all_reduce_mean(torch.stack([torch.as_tensor(v, device=device).float().detach()
-                                              for v in metrics.values()]))
-        metrics = dict(zip(metrics, values.tolist()))
+        tensors = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]  # floats are the same on every rank
+        if tensors:
+            means = all_reduce_mean(torch.stack([metrics[k].to(device).float().detach() for k in tensors]))
+            metrics = metrics | dict(zip(tensors, means.tolist()))
         for key, value in metrics.items():
-            if "loss" in key and not torch.isfinite(torch.tensor(value)):
+            if "loss" in key and not math.isfinite(value):
                 fail(f"the {key} is {value}: stopping without saving (lower --lr, or check the rewards)")
         if not is_main():
             return
