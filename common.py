@@ -599,8 +599,8 @@ def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, 
 # Evaluation, logging
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, tokenizer, data: Dataset, score, max_new_tokens: int, temperature: float,
-             batch_size: int, device) -> dict:
+def score_held_out(model, tokenizer, data: Dataset, score, max_new_tokens: int, temperature: float, batch_size: int,
+                   device) -> dict:
     """Mean reward, EOS fraction and length of responses to the (tokenized) evaluation prompts, always from the
     bare prompt, over all ranks. temperature 0 = greedy (for the embedded task the mean reward is the accuracy)."""
     totals = torch.zeros(4, device=device)

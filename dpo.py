@@ -178,7 +178,7 @@ def main(args: Args):
     log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
     @torch.no_grad()
-    def evaluate() -> dict:
+    def eval_metrics() -> dict:
         """Held-out DPO loss and implicit-reward accuracy; the eval score of greedy responses."""
         totals, n, model = torch.zeros(len(STAT_NAMES), device=device), 0, common.unwrap(policy)
         with amp():
@@ -192,11 +192,11 @@ def main(args: Args):
             totals = common.all_reduce_sum(torch.cat([totals, torch.tensor([float(n)], device=device)]))
             metrics = dict(zip(STAT_NAMES, (totals[:-1] / totals[-1].clamp(min=1)).tolist()))
             if score is not None:
-                metrics |= common.evaluate(policy, tokenizer, eval_rows, score, args.max_new_tokens,
-                                           args.eval_temperature, args.micro_batch_size, device)
+                metrics |= common.score_held_out(policy, tokenizer, eval_rows, score, args.max_new_tokens,
+                                                 args.eval_temperature, args.micro_batch_size, device)
         return metrics
 
-    before = evaluate()
+    before = eval_metrics()
     common.print0("before training: eval " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
@@ -220,7 +220,7 @@ def main(args: Args):
             log(dict(zip(STAT_NAMES, torch.stack(stats).mean(0))) | {"lr": scheduler.get_last_lr()[0]}, step)
             stats = []
 
-    after = evaluate()
+    after = eval_metrics()
     common.print0("after training:  eval " + "  ".join(f"{k} {v:.4g}" for k, v in after.items()))
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         num_steps)

@@ -323,12 +323,12 @@ def main(args: Args):
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
     log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
-    def evaluate():  # always from the bare prompt
+    def eval_metrics():  # always from the bare prompt
         with amp():
-            return common.evaluate(common.unwrap(model).policy, tokenizer, eval_rows, score, args.max_new_tokens,
-                                   args.eval_temperature, args.micro_batch_size, device)
+            return common.score_held_out(common.unwrap(model).policy, tokenizer, eval_rows, score, args.max_new_tokens,
+                                         args.eval_temperature, args.micro_batch_size, device)
 
-    before = evaluate()
+    before = eval_metrics()
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
@@ -344,7 +344,7 @@ def main(args: Args):
                    "explained_variance": explained_variance(batch["values"], batch["returns"], batch["mask"]), **stats}
         log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
-    after = evaluate()
+    after = eval_metrics()
     common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         args.num_iterations)

@@ -378,7 +378,7 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, user, score, rows: list[dict], args: Args, amp) -> list[float]:
+def evaluate_turns(policy, tokenizer, user, score, rows: list[dict], args: Args, amp) -> list[float]:
     """Mean reward at each turn 1..max_turns of dialogues played to max_turns from the evaluation rows' first turns,
     over all ranks (policy at --eval-temperature; for the embedded task, the accuracy at each turn)."""
     dialogues = [first_turn(row) for row in rows]
@@ -415,7 +415,7 @@ def main(args: Args):
                                       args.num_iterations * args.num_passes * args.num_minibatches)
     log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
-    before = evaluate(policy, tokenizer, user, score, eval_rows, args, amp)
+    before = evaluate_turns(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("before training, eval reward per turn: " + " ".join(f"{v:.3f}" for v in before))
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
@@ -430,7 +430,7 @@ def main(args: Args):
                    "turn_h_length": batch["mask"].sum(1).float().mean(), **stats}
         log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
-    after = evaluate(policy, tokenizer, user, score, eval_rows, args, amp)
+    after = evaluate_turns(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("eval reward per turn (accuracy for the embedded task)\nturn  before  after")
     for turn, (old, new) in enumerate(zip(before, after), 1):
         common.print0(f"{turn:>4}  {old:6.3f}  {new:6.3f}")

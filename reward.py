@@ -155,11 +155,11 @@ def main(args: Args):
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
     log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
-    def evaluate() -> dict:
+    def eval_metrics() -> dict:
         with amp():
             return accuracy(reward_model, tokenizer, eval_rows, args.micro_batch_size, device)
 
-    before = evaluate()
+    before = eval_metrics()
     common.print0(f"before training: held-out accuracy {before['accuracy']:.3f}")
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
@@ -185,7 +185,7 @@ def main(args: Args):
             log(metrics | {"lr": scheduler.get_last_lr()[0]}, step)
             stats = []
 
-    after = evaluate()
+    after = eval_metrics()
     common.print0(f"after training:  held-out accuracy {after['accuracy']:.3f} (margin {after['margin']:.3f})")
     if args.normalize:
         # the mean score of the reference responses, over all ranks, becomes 0

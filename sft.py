@@ -151,15 +151,15 @@ def main(args: Args):
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
     log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
-    def evaluate() -> dict:
+    def eval_metrics() -> dict:
         metrics = {"loss": eval_loss(common.unwrap(model), eval_rows, tokenizer, args, amp)}
         if score is not None:
             with amp():
-                metrics |= common.evaluate(model, tokenizer, eval_rows, score, args.max_new_tokens,
-                                           args.eval_temperature, args.micro_batch_size, device)
+                metrics |= common.score_held_out(model, tokenizer, eval_rows, score, args.max_new_tokens,
+                                                 args.eval_temperature, args.micro_batch_size, device)
         return metrics
 
-    before = evaluate()
+    before = eval_metrics()
     common.print0("before training: eval " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
@@ -180,7 +180,7 @@ def main(args: Args):
             log({"loss": torch.stack(losses).mean(), "lr": scheduler.get_last_lr()[0]}, step)
             losses = []
 
-    after = evaluate()
+    after = eval_metrics()
     common.print0("after training:  eval " + "  ".join(f"{k} {v:.4g}" for k, v in after.items()))
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         num_steps)

@@ -239,7 +239,7 @@ def test_evaluate_scores_greedy_responses_from_bare_prompts(tiny_llama, tmp_path
         seen.extend(r["prompt_text"] for r in rows)
         return torch.tensor([float(len(r)) for r in responses])
 
-    result = common.evaluate(model, tokenizer, data, score, max_new_tokens=6, temperature=0.0, batch_size=4,
+    result = common.score_held_out(model, tokenizer, data, score, max_new_tokens=6, temperature=0.0, batch_size=4,
                              device=CPU)
     assert seen == data["prompt_text"]
     query, mask = common.left_pad(data["input_ids"], tokenizer.pad_token_id)

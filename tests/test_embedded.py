@@ -87,6 +87,6 @@ def test_embedded_model_converts_from_the_wheel_and_solves_arithmetic(tmp_path, 
     data = embedded.arithmetic_dataset(num_test=48)["test"]
     data = common.tokenize_prompts(data, tokenizer, max_prompt_length=512)
     score = common.make_scorer(None, "embedded:arithmetic_reward", CPU, torch.float32)
-    result = common.evaluate(model, tokenizer, data, score, max_new_tokens=16, temperature=0.0, batch_size=48,
+    result = common.score_held_out(model, tokenizer, data, score, max_new_tokens=16, temperature=0.0, batch_size=48,
                              device=CPU)
     assert result["score"] > 0.25
