@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import tyro
 
 import common
 import rebel
@@ -170,9 +171,14 @@ def test_bad_input_gives_one_clear_error_line_before_loading_a_model(tmp_path):
              (["--batch-size", "10", "--num-minibatches", "4"], "--batch-size 10 must be a positive multiple"),
              (["--reward-fn", "nowhere:f"], "--reward-fn nowhere:f"),
              (["--mu", "dataset", "--dataset", str(prompts_only), *reward], "needs a 'completion' or 'chosen' column")]
-    for flags, message in cases:
-        result = cli("--model", str(tmp_path / "no-such-model"), *flags)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode != 0
-        assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
-        assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr
+    # The first case as a user sees it on the command line: one error line, no traceback, no model loaded.
+    result = cli("--model", str(tmp_path / "no-such-model"), *cases[0][0])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0
+    assert lines[-1].startswith("error: ") and cases[0][1] in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr
+    for flags, message in cases[1:]:  # the rest in-process (the same SystemExit line, without a Python start-up each)
+        args = tyro.cli(rebel.Args, args=["--model", str(tmp_path / "no-such-model"), *flags])
+        with pytest.raises(SystemExit) as error:
+            rebel.main(args)
+        assert str(error.value).startswith("error: ") and message in str(error.value) and "\n" not in str(error.value)
