@@ -1,9 +1,9 @@
 """Shared pieces of the five algorithms: everything two or more scripts need, nothing else.
 
-Read top to bottom, this file is the RLHF plumbing: distributed setup, model and tokenizer loading (including the
-embedded offline default model), data in TRL's formats, sampling, log-probs, rewards, evaluation, logging and
-saving. The algorithms themselves live in their own scripts (rebel.py, ppo.py, ...); docs/algorithms.md states the
-facts each helper implements.
+Read top to bottom, this file is the RLHF plumbing: flag checks, distributed setup and precision, model and tokenizer
+loading, data in TRL's formats, sampling, log-probs, the reset draw, rewards, evaluation, logging and saving. The
+algorithms live in their own scripts (rebel.py, ppo.py, ...), the offline default model and toy tasks in
+embedded.py (imported only for those names); docs/algorithms.md states the facts each helper implements.
 
 Notation: a *query* is a left-padded batch of prompt tokens; a *response* is a right-padded batch of sampled tokens
 of fixed width `max_new_tokens`, cut after the first EOS (padding after it).
