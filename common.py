@@ -23,13 +23,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from datasets import Dataset, load_dataset
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, get_scheduler
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
+                          get_scheduler)
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default --model; works offline through embedded.py
 ARITHMETIC = "arithmetic"  # name of the embedded dataset, generated in code by embedded.py
 ARITHMETIC_PREFERENCES = "arithmetic-preferences"  # the same questions as chosen (right) / rejected (wrong) pairs
+LOGPROB_CHUNK = 2 ** 24  # logits per chunk of the log-softmax in `logprobs`: 64 MB in float32
 
 
 def fail(message: str):
@@ -57,10 +62,15 @@ def check_flags(args, world_size: int, positive: tuple = (), batch_split: tuple 
             fail(f"--batch-size {args.batch_size} must be a positive multiple of {parts}")
     if not 0 <= getattr(args, "warmup_ratio", 0) < 1:
         fail(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if getattr(args, "output_dir", None):
-        check_output_dir(args.output_dir)
-    if getattr(args, "report_to", "none") != "none":
-        check_report_to(args.report_to)
+    if getattr(args, "output_dir", None):  # a writable folder, or a path we can create (nothing is created here)
+        existing = os.path.abspath(args.output_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            fail(f"--output-dir {args.output_dir}: cannot write there ({existing} is not a writable folder)")
+    if getattr(args, "report_to", "none") != "none" and importlib.util.find_spec(args.report_to) is None:
+        fail(f"--report-to {args.report_to}: the package '{args.report_to}' is not installed "
+             f"(pip install {args.report_to})")
     fields = getattr(type(args), "__dataclass_fields__", {})
     if {"reward_fn", "reward_model", "dataset"} <= set(fields) and args.reward_model is None and \
             args.reward_fn is not None and args.reward_fn == fields["reward_fn"].default and \
@@ -70,19 +80,7 @@ def check_flags(args, world_size: int, positive: tuple = (), batch_split: tuple 
              f"--dataset {args.dataset} give --reward-model or --reward-fn{optional}")
 
 
-def check_output_dir(path: str):
-    """--output-dir must be a folder we can write, or a path we can create; nothing is created here."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--output-dir {path}: cannot write there ({existing} is not a writable folder)")
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed setup (torchrun) and seeding
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Distributed setup (torchrun) and seeding ------------------------------------------------------------------
 def setup(seed: int) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes in the environment and seed python and torch with seed + rank (ranks
     sample different responses, runs are repeatable); return (rank, world_size, device).
@@ -111,47 +109,86 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def barrier():
-    """Wait for every rank (no-op in a single process)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a tensor over ranks (identity in a single process)."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (identity in a single process)."""
-    return all_reduce_sum(x) / dist.get_world_size() if dist.is_initialized() else x
+def all_reduce(x: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """Sum (or mean) of a tensor over ranks; the tensor itself in a single process."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size() if mean else x
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The model inside a DistributedDataParallel wrapper (or the model itself: FSDP2 wraps nothing)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel when running under torchrun with several processes, else the model unchanged."""
+def wrap(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, fsdp: bool = False,
+         gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """Prepare a model (or a module holding models, like PPO's policy + value) for this run's processes.
+
+    gradient_checkpointing: transformers recomputes each block's activations in the backward pass instead of
+    storing them; it acts only in train mode, so the model is put in train mode (dropout is 0: nothing else changes)
+    and `generate` samples in eval mode, where the KV cache works. Under torchrun with several processes: with
+    fsdp, FSDP2 shards each transformer block and then each whole model over the ranks (parameters, gradients and
+    AdamW state: 1/world each), computing in `dtype` and reducing gradients in float32; frozen models are sharded
+    the same way. Without fsdp, a model with trained parameters gets DistributedDataParallel (a full copy per rank,
+    fastest when it fits); frozen ones stay as they are."""
+    models = [model] if isinstance(model, PreTrainedModel) else \
+        [m for m in model.children() if isinstance(m, PreTrainedModel)]
+    if gradient_checkpointing:
+        for m in models:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    if fsdp:
+        mixed = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+        for m in models:  # each model its own FSDP root: a root's forward must run before its parts are used
+            blocks = set(m._no_split_modules or [])  # transformers' names for the transformer-block classes
+            for block in [b for b in m.modules() if type(b).__name__ in blocks]:
+                fully_shard(block, mp_policy=mixed)
+            fully_shard(m, mp_policy=mixed)  # the rest: embeddings (tied or not), final norm, heads
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Under FSDP2, hold the whole model on every rank for the block (one all-gather each, on entry) instead of
+    gathering every block at every forward: sampling then makes no collective calls at all, so ranks may call
+    `generate` different numbers of times (uneven evaluation shards, PPO++'s roll-ins, REFUEL's dialogues).
+    Costs one unsharded copy of the model in its compute dtype. A no-op without FSDP2, and when nested."""
+    parts = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
+    if not parts or getattr(parts[0], "_held_whole", False):
+        yield
+        return
+    for part in parts:
+        part.set_reshard_after_forward(False, recurse=False)
+        part.unshard()
+        part._held_whole = True
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.reshard()
+            part.set_reshard_after_forward(True, recurse=False)
+            part._held_whole = False
+
+
 def no_sync_unless(model: torch.nn.Module, sync: bool):
-    """Skip DDP's gradient all-reduce on gradient-accumulation micro-steps; sync on the last one."""
+    """Gradient accumulation: skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on the micro-steps
+    before the last one of an optimizer step."""
+    for part in [m for m in model.modules() if isinstance(m, FSDPModule)]:
+        part.set_requires_gradient_sync(sync, recurse=False)
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models and tokenizers: a hub id or a local path; the embedded default works offline
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Models and tokenizers: a hub id or a local path; the embedded default works offline -----------------------
 def precision(name: str, device: torch.device) -> tuple[torch.dtype, functools.partial]:
     """--dtype as (dtype, amp), built once per run. `with amp():` runs the policy and the reference, both float32
     weights, in mixed precision at `dtype` (a fresh autocast context at each use); frozen side models (reward model,
@@ -190,7 +227,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     for key, value in list(config.to_dict().items()):
         if "dropout" in key and isinstance(value, float):
             setattr(config, key, 0.0)
-    model = cls.from_pretrained(path, config=config, dtype=dtype).to(device)
+    model = cls.from_pretrained(path, config=config, dtype=dtype, device_map=device)  # no full copy in host RAM first
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -203,19 +240,20 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
 def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
     """Save the policy as an HF folder that `from_pretrained` loads (rank 0). Files are written to a temporary
     folder first and moved in, so an interrupted save leaves no half-written model behind."""
+    state = None  # under FSDP2 every rank sends its shards and rank 0 saves the gathered full state dict
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main():
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
-            unwrap(model).save_pretrained(tmp)
+            unwrap(model).save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    barrier()
+    if dist.is_initialized():
+        dist.barrier()
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: load_dataset on a hub id or a local file, TRL's formats, chat templates
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Data: load_dataset on a hub id or a local file, TRL's formats, chat templates -----------------------------
 def _source(name: str) -> tuple[str, dict]:
     """load_dataset arguments for a hub id, a local folder, or a local .json/.jsonl/.csv/.parquet file."""
     if os.path.isfile(name):
@@ -226,9 +264,11 @@ def _source(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-def load_splits(name: str, train_split: str, eval_split: str, num_eval: int, batch_size: int = 1) -> tuple:
+def load_splits(name: str, train_split: str, eval_split: str, num_eval: int, batch_size: int = 1,
+                columns: str = "prompt") -> tuple:
     """(train, eval) rows of a dataset. Without `eval_split`, the last `num_eval` rows of train are held out.
-    The train rows must fill at least one batch of `batch_size` (--batch-size)."""
+    The train rows must fill at least one batch of `batch_size` (--batch-size) and have the `columns` a script
+    needs (see `check_columns`)."""
     if name in (ARITHMETIC, ARITHMETIC_PREFERENCES):  # generated in code by embedded.py
         import embedded
 
@@ -253,6 +293,7 @@ def load_splits(name: str, train_split: str, eval_split: str, num_eval: int, bat
         fail(f"--dataset {name}: split {train_split} has no rows")
     if len(train) < batch_size:
         fail(f"--batch-size {batch_size} is more than the {len(train)} training rows of --dataset {name}")
+    check_columns(train, name, columns)
     return train, evaluation
 
 
@@ -285,14 +326,18 @@ def render_prompt(prompt, tokenizer) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def check_columns(data: Dataset, name: str, need_reference: bool = False):
-    """One clear error if the dataset lacks the columns a script needs (before any model is loaded)."""
-    columns = set(data.column_names)
-    if not columns & {"prompt", "messages", "chosen"}:
-        fail(f"--dataset {name}: needs a 'prompt', 'messages' or 'chosen' column, has {sorted(columns)}")
-    if need_reference and not columns & {"completion", "chosen", "messages"}:
-        fail(f"--dataset {name}: needs a 'completion' or 'chosen' column (the reference response), "
-             f"has {sorted(columns)}")
+def check_columns(data: Dataset, name: str, columns: str = "prompt"):
+    """One clear error if the dataset lacks the columns a script needs, before any model is loaded: "prompt" (a
+    prompt in one of TRL's formats), "reference" (also a reference response) or "preference" (chosen, rejected)."""
+    have = sorted(data.column_names)
+    if columns == "preference":
+        for missing in [c for c in ("chosen", "rejected") if c not in have]:
+            fail(f"--dataset {name}: needs a '{missing}' column (preference pairs: [prompt,] chosen, rejected), "
+                 f"has {have}")
+    elif not set(have) & {"prompt", "messages", "chosen"}:
+        fail(f"--dataset {name}: needs a 'prompt', 'messages' or 'chosen' column, has {have}")
+    elif columns == "reference" and not set(have) & {"completion", "chosen", "messages"}:
+        fail(f"--dataset {name}: needs a 'completion' or 'chosen' column (the reference response), has {have}")
 
 
 def split_preference(row: dict) -> tuple[object, str, str]:
@@ -309,14 +354,6 @@ def split_preference(row: dict) -> tuple[object, str, str]:
         n -= n > 0 and chosen[n - 1] == " "  # the separating space belongs to the responses
         return chosen[:n], chosen[n:], rejected[n:]
     return chosen[:n], _message_text(chosen[n:]), _message_text(rejected[n:])
-
-
-def check_preference_columns(data: Dataset, name: str):
-    """One clear error if a preference dataset lacks 'chosen' or 'rejected' (before any model is loaded)."""
-    missing = [c for c in ("chosen", "rejected") if c not in data.column_names]
-    if missing:
-        fail(f"--dataset {name}: needs a '{missing[0]}' column (preference pairs: [prompt,] chosen, rejected), "
-             f"has {sorted(data.column_names)}")
 
 
 def tokenize_prompts(data: Dataset, tokenizer, max_prompt_length: int) -> Dataset:
@@ -337,7 +374,7 @@ def tokenize_prompts(data: Dataset, tokenizer, max_prompt_length: int) -> Datase
 
 def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
+    width = max((len(s) for s in sequences), default=0)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
@@ -380,10 +417,7 @@ def shard(data: Dataset) -> Dataset:
     rank, world, n = dist.get_rank(), dist.get_world_size(), len(data)
     return data.select(range(rank * n // world, (rank + 1) * n // world))
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling and log-probs
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Sampling and log-probs ------------------------------------------------------------------------------------
 def eos_mask(responses: torch.Tensor, eos_id: int, budget: torch.Tensor | None = None) -> torch.Tensor:
     """1 for response tokens up to and including the first EOS, 0 after it (all 1 when there is no EOS); with a
     per-row `budget`, also 0 from position budget[i] on (those tokens were never part of the episode)."""
@@ -414,9 +448,10 @@ def has_eos(responses: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.T
 
 @torch.no_grad()
 def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float) -> torch.Tensor:
+             temperature: float, batch_size: int | None = None) -> torch.Tensor:
     """Sample responses [B, max_new_tokens] from softmax(logits / T) exactly (top_k=0, top_p=1), cut after the
-    first EOS. temperature 0 decodes greedily.
+    first EOS, in calls of `batch_size` sequences (--generation-batch-size: bounds the KV cache; None: all at
+    once). temperature 0 decodes greedily. Under FSDP2 the model is held whole meanwhile (`gathered`).
 
     transformers fills every field we leave unset from the model's own `generation_config` (a checkpoint's
     repetition_penalty, min_p, suppress_tokens, min_new_tokens, ...), and then samples would not come from the
@@ -425,15 +460,26 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
         dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **sampling)
-    model = unwrap(model)
-    saved, model.generation_config = model.generation_config, GenerationConfig()
+    model, responses = unwrap(model), [query.new_full((0, max_new_tokens), tokenizer.pad_token_id)]
+    saved, training, model.generation_config = model.generation_config, model.training, GenerationConfig()
     try:
-        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+        model.eval()  # gradient checkpointing (train mode only) would drop the KV cache
+        with gathered(model):
+            for i in range(0, len(query), batch_size or max(len(query), 1)):
+                out = model.generate(input_ids=query[i:i + (batch_size or len(query))], generation_config=config,
+                                     attention_mask=query_mask[i:i + (batch_size or len(query))], synced_gpus=False)
+                responses.append(F.pad(out[:, query.shape[1]:], (0, max_new_tokens - (out.shape[1] - query.shape[1])),
+                                       value=tokenizer.pad_token_id))
     finally:
         model.generation_config = saved
-    responses = F.pad(out[:, query.shape[1]:], (0, max_new_tokens - (out.shape[1] - query.shape[1])),
-                      value=tokenizer.pad_token_id)
-    return cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        model.train(training)
+    return cut_after_eos(torch.cat(responses), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ln softmax(logits / T) at `tokens`, in float32."""
+    logits = logits.float() / temperature
+    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
@@ -444,9 +490,11 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
     gradient). With micro_batch, a no-grad pass in forwards of that many sequences (old and reference log-probs).
 
     One forward of query + response: position ids come from the attention mask, so left padding does not shift
-    positions, and only the last R+1 positions go through the LM head (logits_to_keep)."""
+    positions, and only the last R+1 positions go through the LM head (logits_to_keep). The log-softmax runs over
+    chunks of positions in float32 (the backward recomputes each chunk), so no float32 copy of the whole
+    [B, R, vocab] logits ever exists: at a 128k vocabulary that copy is 4 GB for 4 sequences of 2k tokens."""
     if micro_batch is not None:  # no-grad passes (rollouts, evaluation), micro_batch sequences per forward
-        with torch.no_grad():
+        with torch.no_grad(), gathered(model):
             parts = [logprobs(model, query[i:i + micro_batch], query_mask[i:i + micro_batch],
                               response[i:i + micro_batch], response_mask[i:i + micro_batch], temperature, None, entropy)
                      for i in range(0, len(query), micro_batch)]
@@ -454,17 +502,25 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                 logits_to_keep=response.shape[1] + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature  # the shift: the logits at position t predict response[:, t]
-    logp = (torch.gather(logits, 2, response.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)) * response_mask
-    if not entropy:
-        return logp
-    with torch.no_grad():
-        return logp, torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    logits = out.logits[:, :-1]  # the shift: the logits at position t predict response[:, t]
+    step = max(1, LOGPROB_CHUNK // (logits.shape[0] * logits.shape[2]))  # positions per chunk
+    logp, entropies = [], []
+    for t in range(0, logits.shape[1], step):
+        chunk, tokens = logits[:, t:t + step], response[:, t:t + step]
+        if torch.is_grad_enabled():
+            logp.append(torch.utils.checkpoint.checkpoint(_token_logprobs, chunk, tokens, temperature,
+                                                          use_reentrant=False))
+        else:
+            logp.append(_token_logprobs(chunk, tokens, temperature))
+        if entropy:
+            with torch.no_grad():
+                scaled = chunk.float() / temperature
+                entropies.append(torch.logsumexp(scaled, -1) - (torch.softmax(scaled, -1) * scaled).sum(-1))
+    logp = torch.cat(logp, 1) * response_mask
+    return (logp, torch.cat(entropies, 1)) if entropy else logp
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rewards: a reward model or a Python function, and the no-EOS penalty
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Rewards: a reward model or a Python function, and the no-EOS penalty --------------------------------------
 def load_reward_fn(spec: str, flag: str = "--reward-fn"):
     """`module:function` (or `path/to/file.py:function`) -> the function. Errors name `flag`."""
     if ":" not in spec:
@@ -523,11 +579,17 @@ def column_kwargs(rows: list[dict]) -> dict:
 
 def scalar_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head of a one-label AutoModelForSequenceClassification at every position ([B, L]): the reward
-    model reads it at the last real token, PPO's value model at every response token."""
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = getattr(model, model.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
-                                                     position_ids=positions, use_cache=False).last_hidden_state
-    return model.score(hidden).squeeze(-1)
+    model reads it at the last real token, PPO's value model at every response token. The model's own forward keeps
+    only the last token, so the head's full output is caught by a hook (the forward still runs through the root
+    module: DDP and FSDP2 hooks fire)."""
+    caught = []
+    hook = unwrap(model).score.register_forward_hook(lambda module, inputs, output: caught.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+              position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0))
+    finally:
+        hook.remove()
+    return caught[0].squeeze(-1)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -554,15 +616,18 @@ def reward_model_scores(model, tokenizer, texts: list[str], micro_batch: int = 1
     scores = []
     device = next(model.parameters()).device
     offset = getattr(model.config, "reward_offset", 0.0)
-    for i in range(0, len(texts), micro_batch):
-        enc = tokenizer(texts[i:i + micro_batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(device)
-        values = scalar_head(model, enc["input_ids"], enc["attention_mask"])
-        scores.append(values.gather(1, last_token_index(enc["attention_mask"])[:, None]).squeeze(1).float() + offset)
+    with gathered(model):  # under FSDP2 one all-gather per call, however many texts this rank has
+        for i in range(0, len(texts), micro_batch):
+            enc = tokenizer(texts[i:i + micro_batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(device)
+            values = scalar_head(model, enc["input_ids"], enc["attention_mask"])
+            last = last_token_index(enc["attention_mask"])[:, None]
+            scores.append(values.gather(1, last).squeeze(1).float() + offset)
     return torch.cat(scores) if scores else torch.zeros(0, device=device)
 
 
-def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, dtype: torch.dtype):
+def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, dtype: torch.dtype,
+                fsdp: bool = False):
     """score(rows, completions) -> tensor of rewards, from --reward-model if given, else --reward-fn. `rows` are
     tokenized dataset rows (tokenize_prompts), `completions` the response texts (after any reset prefix).
 
@@ -584,7 +649,7 @@ def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, 
     tokenizer = load_tokenizer(reward_model)
     tokenizer.padding_side = "right"
     model = load_model(reward_model, device, dtype, AutoModelForSequenceClassification, num_labels=1)
-    model.requires_grad_(False)
+    model = wrap(model.requires_grad_(False), device, dtype, fsdp)
 
     def score_model(rows, completions):
         texts = reward_model_texts([r["prompt"] for r in rows], [r["prompt_text"] for r in rows], completions,
@@ -593,25 +658,30 @@ def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, 
 
     return score_model
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation, logging
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Evaluation, logging ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def score_held_out(model, tokenizer, data: Dataset, score, max_new_tokens: int, temperature: float, batch_size: int,
                    device) -> dict:
     """Mean reward, EOS fraction and length of responses to the (tokenized) evaluation prompts, always from the
-    bare prompt, over all ranks. temperature 0 = greedy (for the embedded task the mean reward is the accuracy)."""
+    bare prompt, over all ranks. temperature 0 = greedy (for the embedded task the mean reward is the accuracy).
+
+    Each rank takes an equal share of the rows, the last shares padded with row 0 at weight 0, so that every rank
+    makes the same calls (FSDP2 gathers the reward model once per call)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share = -(-len(data) // world)
+    mine = range(rank * share, (rank + 1) * share)
+    weights = torch.tensor([float(i < len(data)) for i in mine], device=device)
+    rows = data.select([i if i < len(data) else 0 for i in mine]).to_list()
     totals = torch.zeros(4, device=device)
-    for i in range(0, len(data), batch_size):
-        rows = data.select(range(i, min(i + batch_size, len(data)))).to_list()
-        query, query_mask = left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
+    for i in range(0, share, batch_size):
+        batch, weight = rows[i:i + batch_size], weights[i:i + batch_size]
+        query, query_mask = left_pad([r["input_ids"] for r in batch], tokenizer.pad_token_id, device)
         responses = generate(model, tokenizer, query, query_mask, max_new_tokens, temperature)
         mask = eos_mask(responses, tokenizer.eos_token_id)
-        scores = score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True))
-        totals += torch.stack([scores.sum(), has_eos(responses, mask, tokenizer.eos_token_id).float().sum(),
-                               mask.sum().float(), torch.tensor(float(len(rows)), device=device)])
-    totals = all_reduce_sum(totals)
+        scores = score(batch, tokenizer.batch_decode(responses, skip_special_tokens=True))
+        ended = has_eos(responses, mask, tokenizer.eos_token_id).float()
+        totals += torch.stack([scores @ weight, ended @ weight, mask.sum(1).float() @ weight, weight.sum()])
+    totals = all_reduce(totals)
     n = totals[3].clamp(min=1)
     return {"score": (totals[0] / n).item(), "eos_fraction": (totals[1] / n).item(), "length": (totals[2] / n).item()}
 
@@ -648,7 +718,7 @@ def make_logger(output_dir: str, report_to: str, config: dict, device):
 
         tensors = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]  # floats are the same on every rank
         if tensors:
-            means = all_reduce_mean(torch.stack([metrics[k].to(device).float().detach() for k in tensors]))
+            means = all_reduce(torch.stack([metrics[k].to(device).float().detach() for k in tensors]), mean=True)
             metrics = metrics | dict(zip(tensors, means.tolist()))
         for key, value in metrics.items():
             if "loss" in key and not math.isfinite(value):
@@ -669,13 +739,6 @@ def make_logger(output_dir: str, report_to: str, config: dict, device):
             wandb.log(metrics, step=step)
 
     return log
-
-
-def check_report_to(report_to: str):
-    """--report-to tensorboard/wandb only when that package is installed."""
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
-    if package and importlib.util.find_spec(package) is None:
-        fail(f"--report-to {report_to}: the package '{package}' is not installed (pip install {package})")
 
 
 def clean_exit():

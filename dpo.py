@@ -31,9 +31,9 @@ import common
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """policy to train (hub id or folder; usually the SFT model); it is also pi_ref, the frozen reference"""
-    dataset: str = common.ARITHMETIC_PREFERENCES
+    dataset: str = "arithmetic-preferences"
     """hub id, local folder or .json/.jsonl/.csv/.parquet file with prompt/chosen/rejected (or chosen/rejected with
     an implicit prompt), plain or conversational; 'arithmetic-preferences' is the embedded task"""
     train_split: str = "train"
@@ -160,18 +160,17 @@ def main(args: Args):
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs,
-                                               args.batch_size)
-    common.check_preference_columns(train_rows, args.dataset)
+                                               args.batch_size, "preference")
     tokenizer = common.load_tokenizer(args.model)
     train_rows = tokenize_pairs(train_rows, tokenizer, args.max_prompt_length, args.max_response_length)
-    eval_rows = common.shard(tokenize_pairs(eval_rows, tokenizer, args.max_prompt_length, args.max_response_length))
+    eval_rows = tokenize_pairs(eval_rows, tokenizer, args.max_prompt_length, args.max_response_length)
     score = None
     if args.reward_model is not None or args.reward_fn is not None:
         score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
 
     policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
     reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
-    policy = common.wrap_ddp(policy, device)
+    policy = common.wrap(policy, device, dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
@@ -180,16 +179,17 @@ def main(args: Args):
     @torch.no_grad()
     def eval_metrics() -> dict:
         """Held-out DPO loss and implicit-reward accuracy; the eval score of greedy responses."""
-        totals, n, model = torch.zeros(len(STAT_NAMES), device=device), 0, common.unwrap(policy)
+        totals, n, model, mine = torch.zeros(len(STAT_NAMES), device=device), 0, common.unwrap(policy), \
+            common.shard(eval_rows)
         with amp():
             pairs = max(1, args.micro_batch_size // 2)  # two sequences per pair
-            for i in range(0, len(eval_rows), pairs):
-                rows = [eval_rows[j] for j in range(i, min(i + pairs, len(eval_rows)))]
+            for i in range(0, len(mine), pairs):
+                rows = [mine[j] for j in range(i, min(i + pairs, len(mine)))]
                 batch = pair_batch(rows, tokenizer, device)
                 totals += pair_stats(sequence_logprobs(model, batch), sequence_logprobs(reference, batch),
                                      args.beta) * len(rows)
                 n += len(rows)
-            totals = common.all_reduce_sum(torch.cat([totals, torch.tensor([float(n)], device=device)]))
+            totals = common.all_reduce(torch.cat([totals, torch.tensor([float(n)], device=device)]))
             metrics = dict(zip(STAT_NAMES, (totals[:-1] / totals[-1].clamp(min=1)).tolist()))
             if score is not None:
                 metrics |= common.score_held_out(policy, tokenizer, eval_rows, score, args.max_new_tokens,
@@ -201,7 +201,7 @@ def main(args: Args):
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
     stats = []
-    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc=args.exp_name):
+    for step in tqdm(range(1, num_steps + 1), disable=rank != 0, desc=args.exp_name):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             batch = pair_batch(rows[k * micro:(k + 1) * micro], tokenizer, device)

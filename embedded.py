@@ -91,7 +91,8 @@ def model_dir() -> str:
         return common.EMBEDDED_MODEL
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         embedded_model_dir()
-    common.barrier()
+    if torch.distributed.is_initialized():  # the other local ranks wait for rank 0's conversion
+        torch.distributed.barrier()
     return embedded_model_dir()
 
 

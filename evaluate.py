@@ -47,14 +47,14 @@ JUDGE_PROMPT = (
 class Args:
     policy: list[str]
     """one or more policies to evaluate (hub ids or folders), e.g. the SFT model and RL checkpoints"""
-    reference: str = common.EMBEDDED_MODEL
+    reference: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """pi_ref: the policy the KL is measured against (the SFT model); its tokenizer is used for every policy"""
     reward_model: str | None = None
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn"""
     reward_fn: str = "embedded:arithmetic_reward"
     """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
     **dataset_columns) -> list of floats"""
-    dataset: str = common.ARITHMETIC
+    dataset: str = "arithmetic"
     """hub id, local folder or .json/.jsonl/.csv/.parquet file in a TRL format; 'arithmetic' is the embedded task"""
     train_split: str = "train"
     """train split (only used to hold out its last rows when --eval-split is missing)"""
@@ -211,7 +211,7 @@ def main(args: Args):
     if len(eval_rows) == 0:
         common.fail(f"--dataset {args.dataset}: no evaluation rows (give --eval-split, or a dataset with more rows)")
     columns = common.column_kwargs(eval_rows.to_list())
-    common.check_columns(eval_rows, args.dataset, need_reference=judging)
+    common.check_columns(eval_rows, args.dataset, "reference" if judging else "prompt")
     references = [common.split_prompt(row)[1] for row in eval_rows] if judging else []
     judge = None
     if args.judge_fn is not None:  # errors inside it name the flag

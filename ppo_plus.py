@@ -33,9 +33,6 @@ Policy and value model sit in one module (`PolicyAndValue`) wrapped once by DDP,
 synchronised. ppo_plus.py and drpo.py are this file with a different episode start (a reset); `diff` shows it.
 
 Per iteration: roll out -> per-token rewards, GAE, whitening -> PPO epochs over minibatches.
-
-    python ppo_plus.py                                     # the embedded arithmetic task, offline on CPU
-    torchrun --nproc_per_node 8 ppo_plus.py --model ... --reward-model ... --dataset ...
 """
 
 import os
@@ -52,7 +49,7 @@ import common
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """policy to train (hub id or local folder); it is also pi_ref, the frozen reference"""
     reward_model: str | None = None
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn. The
@@ -60,7 +57,7 @@ class Args:
     reward_fn: str = "embedded:arithmetic_reward"
     """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
     **dataset_columns) -> list of floats"""
-    dataset: str = common.ARITHMETIC
+    dataset: str = "arithmetic"
     """hub id, local folder or .json/.jsonl/.csv/.parquet file in a TRL format; 'arithmetic' is the embedded task"""
     train_split: str = "train"
     """split to train on"""
@@ -120,6 +117,14 @@ class Args:
     """score given to a response that has no EOS within max_new_tokens (None: no penalty, the score as it is)"""
     micro_batch_size: int = 32
     """sequences per forward pass when computing log-probs and values without gradient and when evaluating"""
+    fsdp: bool = False
+    """shard every model over the processes with FSDP2 (for models whose weights, gradients and AdamW state, 16 bytes
+    per trained parameter, do not fit one GPU); without it several processes use DDP (a full copy each, faster)"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass instead of storing them (less memory,
+    about a third more compute in the update; sampling is unaffected)"""
+    generation_batch_size: int | None = None
+    """sequences per generate call, which bounds the KV cache's memory (None: this process's whole batch at once)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of every model (weights stay fp32, the reward model's are loaded in it); auto: bfloat16
     on GPU, float32 on CPU"""
@@ -149,9 +154,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     """(x - mean) / std over the entries where mask is 1, over all processes (the global batch); 0 where mask is 0.
     The variance is the unbiased one. shift_mean=False adds the mean back (scales only; used for rewards)."""
     mask = mask.float()
-    total, count = common.all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    total, count = common.all_reduce(torch.stack([(x * mask).sum(), mask.sum()]))
     mean = total / count
-    var = common.all_reduce_sum(((x - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
+    var = common.all_reduce(((x - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -198,12 +203,12 @@ def rollin(reference, tokenizer, rows: list[dict], args: Args, device) -> list[l
     tokens, L its length up to and including its first EOS (so the prefix never holds the guide's EOS)."""
     prefixes = [[] for _ in rows]
     guided = (torch.rand(len(rows)) >= args.beta).nonzero().squeeze(1).tolist()
-    if guided:
-        query, query_mask = common.left_pad([rows[i]["input_ids"] for i in guided], tokenizer.pad_token_id, device)
-        guide = common.generate(reference, tokenizer, query, query_mask, args.max_new_tokens, args.temperature)
-        k = common.reset_points(common.eos_mask(guide, tokenizer.eos_token_id).sum(1))
-        for j, i in enumerate(guided):
-            prefixes[i] = guide[j, :k[j]].tolist()
+    query, query_mask = common.left_pad([rows[i]["input_ids"] for i in guided], tokenizer.pad_token_id, device)
+    guide = common.generate(reference, tokenizer, query, query_mask, args.max_new_tokens, args.temperature,
+                            args.generation_batch_size)  # on every rank, even with no row guided (FSDP2)
+    k = common.reset_points(common.eos_mask(guide, tokenizer.eos_token_id).sum(1))
+    for j, i in enumerate(guided):
+        prefixes[i] = guide[j, :k[j]].tolist()
     return prefixes
 
 
@@ -244,7 +249,7 @@ def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, am
         query, query_mask = common.left_pad([r["input_ids"] + p for r, p in zip(rows, prefixes)],
                                             tokenizer.pad_token_id, device)
         responses = common.generate(model.policy, tokenizer, query, query_mask, args.max_new_tokens,
-                                    args.temperature)
+                                    args.temperature, args.generation_batch_size)
         budget = args.max_new_tokens - torch.tensor([len(p) for p in prefixes])  # prefix + response share it
         mask = common.eos_mask(responses, tokenizer.eos_token_id, budget)
         logp_old, values = [], []
@@ -293,7 +298,7 @@ def update(model, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
     for _ in range(args.num_ppo_epochs):
         order = torch.randperm(b, device=device)
         for start in range(0, b, minibatch):
-            tokens = common.all_reduce_sum(batch["mask"][order[start:start + minibatch]].sum().float())
+            tokens = common.all_reduce(batch["mask"][order[start:start + minibatch]].sum().float())
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
                 mask = batch["mask"][i].float()
@@ -336,16 +341,16 @@ def main(args: Args):
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
                                                args.batch_size)
-    common.check_columns(train_rows, args.dataset)
-    score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
+    score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype, args.fsdp)
     tokenizer = common.load_tokenizer(args.model)
     train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
-    eval_rows = common.shard(common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length))
+    eval_rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
 
     # fp32 master weights for the trained models; autocast runs them in `dtype`
     model = PolicyAndValue(common.load_model(args.model, device), load_value_model(args, device))
-    model = common.wrap_ddp(model, device)
+    model = common.wrap(model, device, dtype, args.fsdp, args.gradient_checkpointing)
     reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
+    reference = common.wrap(reference, device, dtype, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
@@ -359,7 +364,7 @@ def main(args: Args):
     before = eval_metrics()
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
         # 1. Reset to x + a roll-in of pi_ref; pi_t writes the rest; score it; log-probs and values per token.
         batch = rollout(model, reference, tokenizer, next(batches), score, args, amp)
         # 2. Per-token rewards, GAE, returns; whiten the advantages over the global batch.
@@ -371,7 +376,8 @@ def main(args: Args):
                    "eos_fraction": batch["ended"].mean(), "length": batch["mask"].sum(1).float().mean(),
                    "explained_variance": explained_variance(batch["values"], batch["returns"], batch["mask"]),
                    "reset_fraction": (batch["prefix_length"] > 0).float().mean(),
-                   "prefix_length": batch["prefix_length"].mean(), **stats}
+                   "prefix_length": batch["prefix_length"].mean(),
+                   **stats}
         log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
 
     after = eval_metrics()

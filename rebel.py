@@ -36,14 +36,14 @@ import common
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """policy to train (hub id or local folder); it is also pi_ref, the frozen reference"""
     reward_model: str | None = None
     """reward model (AutoModelForSequenceClassification, one label; hub id or folder); if unset, --reward-fn"""
     reward_fn: str = "embedded:arithmetic_reward"
     """reward function `module:function` or `file.py:function`, called as TRL does: f(prompts, completions,
     **dataset_columns) -> list of floats"""
-    dataset: str = common.ARITHMETIC
+    dataset: str = "arithmetic"
     """hub id, local folder or .json/.jsonl/.csv/.parquet file in a TRL format; 'arithmetic' is the embedded task"""
     train_split: str = "train"
     """split to train on"""
@@ -93,6 +93,14 @@ class Args:
     """score given to a response that has no EOS within max_new_tokens (None: no penalty)"""
     micro_batch_size: int = 32
     """sequences per forward pass when computing log-probs without gradient and when evaluating"""
+    fsdp: bool = False
+    """shard every model over the processes with FSDP2 (for models whose weights, gradients and AdamW state, 16 bytes
+    per trained parameter, do not fit one GPU); without it several processes use DDP (a full copy each, faster)"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass instead of storing them (less memory,
+    about a third more compute in the update; sampling is unaffected)"""
+    generation_batch_size: int | None = None
+    """sequences per generate call, which bounds the KV cache's memory (None: this process's whole batch at once)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of every model (policy and reference weights stay fp32, the reward model's are loaded in
     it); auto: bfloat16 on GPU, float32 on CPU"""
@@ -125,18 +133,20 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
     """Two responses per prompt, their pi_t and pi_ref log-probs, and their KL-regularised rewards.
 
     Returns tensors with the y half first and the y' half second (2b rows)."""
-    device = common.unwrap(policy).device
+    device = reference.device
     query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
     query, query_mask = query.repeat(2, 1), query_mask.repeat(2, 1)
     b = len(rows)
     with amp():
         if args.mu == "policy":
-            responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature)
+            responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature,
+                                        args.generation_batch_size)
         else:
-            y = common.generate(policy, tokenizer, query[:b], query_mask[:b], args.max_new_tokens, args.temperature)
+            y = common.generate(policy, tokenizer, query[:b], query_mask[:b], args.max_new_tokens, args.temperature,
+                                args.generation_batch_size)
             if args.mu == "reference":
                 y_pair = common.generate(reference, tokenizer, query[b:], query_mask[b:], args.max_new_tokens,
-                                         args.temperature)
+                                         args.temperature, args.generation_batch_size)
             else:
                 y_pair = common.right_pad([r["reference_ids"] for r in rows], args.max_new_tokens,
                                           tokenizer.pad_token_id, device)
@@ -195,17 +205,15 @@ def main(args: Args):
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
-                                               args.batch_size)
-    common.check_columns(train_rows, args.dataset, need_reference=args.mu == "dataset")
-    score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
+                                               args.batch_size, "reference" if args.mu == "dataset" else "prompt")
+    score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype, args.fsdp)
     tokenizer = common.load_tokenizer(args.model)
     train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
-    eval_rows = common.shard(common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length))
+    eval_rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
 
     # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's
-    policy = common.load_model(args.model, device)
-    reference = common.load_model(args.model, device).requires_grad_(False)
-    policy = common.wrap_ddp(policy, device)
+    policy = common.wrap(common.load_model(args.model, device), device, dtype, args.fsdp, args.gradient_checkpointing)
+    reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
@@ -219,7 +227,7 @@ def main(args: Args):
     before = eval_metrics()
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
         # 1. Sample two responses per prompt from pi_t; score them; KL-regularise the scores.
         batch = rollout(policy, reference, tokenizer, next(batches), score, args, amp)
         # 2. Regress the relative log-ratio onto the relative reward (K passes, minibatches).

@@ -51,7 +51,7 @@ USER_PROMPT = ("Below is a conversation between a user and an AI assistant.\n\n{
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """policy to train (hub id or local folder, a chat model: dialogues go through its chat template)"""
     user_model: str | None = None
     """LLM user: a chat model (hub id or folder) that writes the user's next message; if unset, --user-fn"""
@@ -73,7 +73,7 @@ class Args:
     """reward function `module:function` or `file.py:function`, called as TRL calls one on conversational data:
     f(prompts, completions, **dataset_columns) -> list of floats, prompts = each dialogue up to the user's turn-H
     message, completions = the assistant's turn-H answer as [{"role": "assistant", "content": ...}]"""
-    dataset: str = common.ARITHMETIC
+    dataset: str = "arithmetic"
     """first user turns: hub id, local folder or .json/.jsonl/.csv/.parquet file with a 'prompt' (or 'messages')
     column; 'arithmetic' is the embedded task"""
     train_split: str = "train"
@@ -124,6 +124,14 @@ class Args:
     """score of a dialogue in which an answer from turn h on has no EOS within max_new_tokens (None: no penalty)"""
     micro_batch_size: int = 48
     """sequences per forward pass when generating and computing log-probs without gradient"""
+    fsdp: bool = False
+    """shard every model over the processes with FSDP2 (for models whose weights, gradients and AdamW state, 16 bytes
+    per trained parameter, do not fit one GPU); without it several processes use DDP (a full copy each, faster)"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass instead of storing them (less memory,
+    about a third more compute in the update; sampling is unaffected)"""
+    generation_batch_size: int | None = None
+    """sequences per generate call, which bounds the KV cache's memory (None: --micro-batch-size)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of every model (the policy's and reference's weights stay fp32; the user's and the reward
     model's are loaded in it); auto: bfloat16 on GPU, float32 on CPU"""
@@ -241,7 +249,7 @@ def make_scorer(args: Args, device, dtype):
     tokenizer = common.load_tokenizer(args.reward_model)
     tokenizer.padding_side = "right"
     model = common.load_model(args.reward_model, device, dtype, AutoModelForSequenceClassification, num_labels=1)
-    model.requires_grad_(False)
+    model = common.wrap(model.requires_grad_(False), device, dtype, args.fsdp)
 
     def score_model(conversations, rows):
         texts = [tokenizer.apply_chat_template(c, tokenize=False) if tokenizer.chat_template else transcript(c)
@@ -264,7 +272,7 @@ def play(policy, tokenizer, user, dialogues: list[list[dict]], stops: list[int],
         queries = [turn_query(tokenizer, dialogues[i], args.max_prompt_length) for i in ask]
         with amp():
             answers = sample_turns(policy, tokenizer, queries, args.max_new_tokens, temperature,
-                                   args.micro_batch_size)
+                                   args.generation_batch_size or args.micro_batch_size)
         for i, query, answer in zip(ask, queries, answers):
             dialogues[i].append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
             played[i].append((query, answer))
@@ -299,11 +307,12 @@ def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: A
     horizons, resets = draw_turns(b, args.max_turns)
     # Roll in: turns 1..h-1 and the user's turn-h question, the shared history s_h (the reset state).
     histories = [first_turn(row) for row in rows]
-    play(policy, tokenizer, user, histories, [2 * h - 1 for h in resets], args, args.temperature, amp)
-    # Two futures from s_h, both played to turn H in one batch: turn h's answers a (rows :b) and a' (rows b:).
-    dialogues = [list(history) for history in histories + histories]
-    played = play(policy, tokenizer, user, dialogues, [2 * horizon for horizon in horizons] * 2, args,
-                  args.temperature, amp)
+    with common.gathered(policy):  # under FSDP2: whole on every rank, as ranks play different numbers of rounds
+        play(policy, tokenizer, user, histories, [2 * h - 1 for h in resets], args, args.temperature, amp)
+        # Two futures from s_h, both played to turn H in one batch: turn h's answers a (rows :b) and a' (rows b:).
+        dialogues = [list(history) for history in histories + histories]
+        played = play(policy, tokenizer, user, dialogues, [2 * horizon for horizon in horizons] * 2, args,
+                      args.temperature, amp)
     scores = score(dialogues, rows * 2)
     if args.eos_penalty is not None:  # an answer of the future (turns h..H) ran out of tokens
         ended = torch.tensor([all(a[-1:] == [tokenizer.eos_token_id] for _, a in turns) for turns in played],
@@ -355,7 +364,7 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
     for _ in range(args.num_passes):
         order = torch.randperm(b, device=device)
         for start in range(0, b, minibatch):
-            kept = common.all_reduce_sum(batch["keep"][order[start:start + minibatch]].sum()) / world
+            kept = common.all_reduce(batch["keep"][order[start:start + minibatch]].sum()) / world
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
                 both = torch.cat([i, i + b])  # a rows, then their a' rows
@@ -382,11 +391,13 @@ def evaluate_turns(policy, tokenizer, user, score, rows: list[dict], args: Args,
     """Mean reward at each turn 1..max_turns of dialogues played to max_turns from the evaluation rows' first turns,
     over all ranks (policy at --eval-temperature; for the embedded task, the accuracy at each turn)."""
     dialogues = [first_turn(row) for row in rows]
-    play(policy, tokenizer, user, dialogues, [2 * args.max_turns] * len(dialogues), args, args.eval_temperature, amp)
+    with common.gathered(policy):  # under FSDP2: whole on every rank, as ranks play different numbers of rounds
+        play(policy, tokenizer, user, dialogues, [2 * args.max_turns] * len(dialogues), args, args.eval_temperature,
+             amp)
     totals = torch.stack([score([up_to_turn(d, t) for d in dialogues], rows).sum()
                           for t in range(1, args.max_turns + 1)]
                          + [torch.tensor(float(len(dialogues)), device=common.unwrap(policy).device)])
-    totals = common.all_reduce_mean(totals)  # the mean of sums over ranks, then the ratio: the global mean
+    totals = common.all_reduce(totals)  # sums over ranks, then the ratio: the global mean
     return (totals[:-1] / totals[-1].clamp(min=1)).tolist()
 
 
@@ -399,7 +410,6 @@ def main(args: Args):
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
                                                args.batch_size)
-    common.check_columns(train_rows, args.dataset)
     eval_rows = common.shard(eval_rows).to_list()
     user, score = make_user(args, device, dtype), make_scorer(args, device, dtype)
     tokenizer = common.load_tokenizer(args.model)
@@ -407,9 +417,10 @@ def main(args: Args):
         common.fail(f"--model {args.model}: the tokenizer has no chat template (dialogues need one)")
 
     # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's
-    policy = common.load_model(args.model, device)
-    reference = common.load_model(args.model, device).requires_grad_(False) if args.kl_coef else None
-    policy = common.wrap_ddp(policy, device)
+    policy = common.wrap(common.load_model(args.model, device), device, dtype, args.fsdp, args.gradient_checkpointing)
+    reference = None
+    if args.kl_coef:
+        reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
@@ -418,7 +429,7 @@ def main(args: Args):
     before = evaluate_turns(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("before training, eval reward per turn: " + " ".join(f"{v:.3f}" for v in before))
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=not common.is_main(), desc=args.exp_name):
+    for iteration in tqdm(range(1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
         # 1. Roll in to turn h, branch two futures to turn H with pi_t and the user, score both.
         batch = rollout(policy, reference, tokenizer, user, score, next(batches), args, amp)
         # 2. Regress the relative log-ratio of the turn-h answers onto the relative future reward.

@@ -33,10 +33,10 @@ import common
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """model to start from (hub id or folder; usually the SFT model): its body is kept, a one-label score head is
     added (or kept, when it already is a reward model)"""
-    dataset: str = common.ARITHMETIC_PREFERENCES
+    dataset: str = "arithmetic-preferences"
     """hub id, local folder or .json/.jsonl/.csv/.parquet file with prompt/chosen/rejected (or chosen/rejected with
     an implicit prompt), plain or conversational; 'arithmetic-preferences' is the embedded task"""
     train_split: str = "train"
@@ -128,7 +128,7 @@ def accuracy(model, tokenizer, rows, micro_batch: int, device) -> dict:
         rejected = common.reward_model_scores(model, tokenizer, rows["rejected"], micro_batch)
     total = torch.stack([((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum(),
                          (chosen - rejected).sum(), chosen.sum(), torch.tensor(float(len(rows)), device=device)])
-    total = common.all_reduce_sum(total)
+    total = common.all_reduce(total)
     n = total[3].clamp(min=1)
     return {"accuracy": (total[0] / n).item(), "margin": (total[1] / n).item(), "chosen_score": (total[2] / n).item()}
 
@@ -141,15 +141,14 @@ def main(args: Args):
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_pairs,
-                                               args.batch_size)
-    common.check_preference_columns(train_rows, args.dataset)
+                                               args.batch_size, "preference")
     tokenizer = common.load_tokenizer(args.model)
     tokenizer.padding_side = "right"  # as common.make_scorer loads it
     train_rows = preference_texts(train_rows, tokenizer)
     eval_rows = common.shard(preference_texts(eval_rows, tokenizer))
 
     reward_model = common.load_model(args.model, device, cls=AutoModelForSequenceClassification, num_labels=1)
-    model = common.wrap_ddp(LastTokenScore(reward_model), device)
+    model = common.wrap(LastTokenScore(reward_model), device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
@@ -164,7 +163,7 @@ def main(args: Args):
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
     stats = []
-    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc=args.exp_name):
+    for step in tqdm(range(1, num_steps + 1), disable=rank != 0, desc=args.exp_name):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             part = rows[k * micro:(k + 1) * micro]
@@ -193,7 +192,7 @@ def main(args: Args):
         with amp(), torch.no_grad():
             scores = common.reward_model_scores(reward_model, tokenizer, normalize_rows["chosen"],
                                                 args.micro_batch_size)
-        mean = common.all_reduce_mean(scores.mean()).item()
+        mean = common.all_reduce(scores.mean(), mean=True).item()
         reward_model.config.reward_offset = getattr(reward_model.config, "reward_offset", 0.0) - mean
         after["chosen_score"] -= mean  # a shift: accuracy and margins are unchanged
         common.print0(f"normalized: offset {reward_model.config.reward_offset:.4f}, held-out chosen score "

@@ -28,9 +28,9 @@ import common
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """model to fine-tune (hub id or local folder)"""
-    dataset: str = common.ARITHMETIC
+    dataset: str = "arithmetic"
     """hub id, local folder or .json/.jsonl/.csv/.parquet file: prompt/completion (or messages, or prompt/chosen),
     plain or conversational; 'arithmetic' is the embedded task"""
     train_split: str = "train"
@@ -124,7 +124,7 @@ def eval_loss(model, rows, tokenizer, args: Args, amp) -> float:
             loss = forward_loss(model, batch)
         tokens = (batch["labels"][:, 1:] != -100).sum()
         total += torch.stack([loss.float() * tokens, tokens.float()])
-    total = common.all_reduce_sum(total)
+    total = common.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -136,23 +136,22 @@ def main(args: Args):
 
     # Data first: a missing column or an empty split stops us before any model is loaded.
     train_rows, eval_rows = common.load_splits(args.dataset, args.train_split, args.eval_split, args.num_eval_prompts,
-                                               args.batch_size)
-    common.check_columns(train_rows, args.dataset, need_reference=True)
+                                               args.batch_size, "reference")
     tokenizer = common.load_tokenizer(args.model)
     train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
-    eval_rows = common.shard(common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length))
+    eval_rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
     score = None
     if args.reward_model is not None or args.reward_fn is not None:
         score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
 
-    model = common.wrap_ddp(common.load_model(args.model, device), device)
+    model = common.wrap(common.load_model(args.model, device), device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
     log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
 
     def eval_metrics() -> dict:
-        metrics = {"loss": eval_loss(common.unwrap(model), eval_rows, tokenizer, args, amp)}
+        metrics = {"loss": eval_loss(common.unwrap(model), common.shard(eval_rows), tokenizer, args, amp)}
         if score is not None:
             with amp():
                 metrics |= common.score_held_out(model, tokenizer, eval_rows, score, args.max_new_tokens,
@@ -164,7 +163,7 @@ def main(args: Args):
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
     micro = args.batch_size // world_size // args.grad_accum_steps
     losses = []
-    for step in tqdm(range(1, num_steps + 1), disable=not common.is_main(), desc=args.exp_name):
+    for step in tqdm(range(1, num_steps + 1), disable=rank != 0, desc=args.exp_name):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             batch = sft_batch(rows[k * micro:(k + 1) * micro], tokenizer.pad_token_id, args.max_response_length,

@@ -1,8 +1,10 @@
 """Run by test_rebel.py under torchrun: one REBEL update on a fixed global batch of pairs, split over the ranks.
 
-usage: python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py MODEL_DIR OUT_FILE
+usage: python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py MODEL_DIR OUT_FILE [fsdp]
 Rank 0 saves the flat parameter vector, the largest difference between any rank's parameters and its own, and
-common.all_reduce_sum / all_reduce_mean of (rank + 1, 1)."""
+common.all_reduce (sum and mean=True) of (rank + 1, 1). With `fsdp`: FSDP2 (common.wrap(..., fsdp=True)) with
+gradient checkpointing, the full parameters gathered from the shards, every rank's local bytes of parameters and
+AdamW state, and the model saved by common.save_model to OUT_FILE + ".model"."""
 
 import os
 import sys
@@ -12,11 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 import common  # noqa: E402
 import rebel  # noqa: E402
 
 model_dir, out = sys.argv[1:3]
+fsdp = sys.argv[3:] == ["fsdp"]
 rank, world, device = common.setup(seed=0)
 tokenizer = common.load_tokenizer(model_dir)
 policy = common.load_model(model_dir, device)
@@ -39,21 +43,38 @@ mine = torch.arange(rank, pairs, world)
 local = {key: value[torch.cat([mine, mine + pairs])] for key, value in batch.items()}
 
 args = rebel.Args(batch_size=pairs, num_passes=2, num_minibatches=1, grad_accum_steps=2, lr=1e-2, temperature=0.7)
-policy = common.wrap_ddp(policy, device)
+policy = common.wrap(policy, device, torch.float32, fsdp=fsdp, gradient_checkpointing=fsdp)
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 torch.manual_seed(rank)
 rebel.update(policy, optimizer, scheduler, local, args, common.precision("float32", device)[1])
 
-params = torch.cat([p.detach().flatten() for p in policy.parameters()])
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds of these tensors (its shard of a DTensor)."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+shards = {}
+if fsdp:
+    shards = {"param_bytes": local_bytes(policy.parameters()),
+              "adam_bytes": local_bytes(t for state in optimizer.state.values() for t in state.values() if t.dim()),
+              "full_param_bytes": sum(p.numel() * p.element_size() for p in policy.parameters())}
+    common.save_model(policy, tokenizer, out + ".model")
+params = torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().flatten() for p in policy.parameters()])
 gathered = [torch.zeros_like(params) for _ in range(world)]
 if world > 1:
     dist.all_gather(gathered, params)
 else:
     gathered = [params]
 local_value = torch.tensor([rank + 1.0, 1.0])
-reduced = {"sum": common.all_reduce_sum(local_value), "mean": common.all_reduce_mean(local_value),
+reduced = {"sum": common.all_reduce(local_value), "mean": common.all_reduce(local_value, mean=True),
            "local_after": local_value}
+if fsdp:  # every rank's counts, in rank order
+    every = [None] * world
+    dist.all_gather_object(every, shards)
+    shards = {key: [counts[key] for counts in every] for key in shards}
 if rank == 0:
-    torch.save({"params": params, "rank_diff": max((g - params).abs().max().item() for g in gathered), **reduced}, out)
+    torch.save({"params": params, "rank_diff": max((g - params).abs().max().item() for g in gathered), **reduced,
+                **shards}, out)
 common.clean_exit()

@@ -1,11 +1,12 @@
 """Worker of test_ppo_distributed.py: one ppo.update on a fixed rollout, in one process or under torchrun.
 
     python tests/ppo_dist_worker.py MODEL_DIR OUT_DIR                                       # 1 process
-    python -m torch.distributed.run --nproc_per_node 2 tests/ppo_dist_worker.py MODEL_DIR OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/ppo_dist_worker.py MODEL_DIR OUT_DIR [fsdp]
 
 Every rank builds the same global rollout (fixed generator, no-grad forward on the full batch), keeps rows
 rank, rank + W, ... (as common.prompt_batches deals them), computes advantages (whitened over the global batch) and
-runs ppo.update. It saves its advantages and the trained parameters to OUT_DIR/rank{r}.pt."""
+runs ppo.update (with `fsdp`: policy and value model sharded by FSDP2, with gradient checkpointing). It saves its
+advantages and the trained parameters (gathered from the shards under FSDP2) to OUT_DIR/rank{r}.pt."""
 
 import os
 import sys
@@ -13,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 import common  # noqa: E402
@@ -43,7 +45,7 @@ def fixed_rollout(model, tokenizer, args) -> dict:
                 scores=torch.randn(BATCH, generator=g))
 
 
-def main(model_dir: str, out_dir: str):
+def main(model_dir: str, out_dir: str, fsdp: bool = False):
     rank, world, device = common.setup(seed=0)
     args = ppo.Args(model=model_dir, batch_size=BATCH, num_iterations=1, num_ppo_epochs=2, num_minibatches=1,
                     grad_accum_steps=2, lr=1e-2, temperature=0.7, whiten_rewards=True)
@@ -56,7 +58,7 @@ def main(model_dir: str, out_dir: str):
     full = fixed_rollout(model, tokenizer, args)
     batch = {k: v[rank::world] for k, v in full.items()}
     batch |= ppo.advantages_and_returns(batch, args)
-    model = common.wrap_ddp(model, device)
+    model = common.wrap(model, device, torch.float32, fsdp=fsdp, gradient_checkpointing=fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
@@ -64,10 +66,11 @@ def main(model_dir: str, out_dir: str):
     ppo.update(model, optimizer, scheduler, batch, args, common.precision("float32", device)[1])
     os.makedirs(out_dir, exist_ok=True)
     torch.save({"advantages": batch["advantages"], "returns": batch["returns"],
-                "params": {k: v.detach().clone() for k, v in common.unwrap(model).state_dict().items()}},
+                "params": {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                           for k, v in common.unwrap(model).state_dict().items()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
     common.clean_exit()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:] == ["fsdp"])

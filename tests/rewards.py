@@ -28,3 +28,9 @@ def dialogue_fraction_of_a(prompts: list[list[dict]], completions: list[list[dic
     """Fraction of the letter 'a' among the characters of all the assistant's answers (0 if they are all empty)."""
     answers = ["".join(m["content"] for m in p + c if m["role"] == "assistant") for p, c in zip(prompts, completions)]
     return [a.count("a") / max(len(a), 1) for a in answers]
+
+
+def dialogue_length(prompts: list[list[dict]], completions: list[list[dict]], **kwargs) -> list[float]:
+    """Characters of all the assistant's answers, over 100: a score that differs between almost any two dialogues."""
+    return [sum(len(m["content"]) for m in p + c if m["role"] == "assistant") / 100
+            for p, c in zip(prompts, completions)]

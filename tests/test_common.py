@@ -189,12 +189,13 @@ def test_tokenize_prompts_applies_chat_template(tiny_tokenizer):
 def test_missing_column_and_empty_split_fail_with_one_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "hello"}\n')
-    train, _ = common.load_splits(str(path), "train", "test", 10)
-    with pytest.raises(SystemExit) as e:
-        common.check_columns(train, str(path))
+    with pytest.raises(SystemExit) as e:  # load_splits checks the columns the script needs
+        common.load_splits(str(path), "train", "test", 10)
     assert "needs a 'prompt', 'messages' or 'chosen' column" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="needs a 'completion' or 'chosen' column"):
-        common.check_columns(Dataset.from_list([{"prompt": "x"}]), "d", need_reference=True)
+        common.check_columns(Dataset.from_list([{"prompt": "x"}]), "d", columns="reference")
+    with pytest.raises(SystemExit, match="needs a 'rejected' column"):
+        common.check_columns(Dataset.from_list([{"chosen": "x"}]), "d", columns="preference")
     empty = tmp_path / "empty.csv"
     empty.write_text("prompt\n")
     with pytest.raises(SystemExit, match="has no rows"):

@@ -47,3 +47,17 @@ def test_two_processes_match_one(tiny_llama, tmp_path):
             moved = max(moved, (p - initial[name]).abs().max().item())
     assert moved > 1e-3  # the update did change the weights, so the 1e-5 agreement is not vacuous
     assert any(k.startswith("value.model") for k in one["params"])  # the value backbone was trained as well
+
+
+def test_fsdp2_two_processes_match_one(tiny_llama, tmp_path):
+    """The same update with policy and value model sharded by FSDP2 (and gradient checkpointing) equals the single
+    process's to 1e-5: the reduce-scatter averages gradients over ranks as DDP's all-reduce does."""
+    run([sys.executable, WORKER, tiny_llama, str(tmp_path / "one")])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
+         WORKER, tiny_llama, str(tmp_path / "fsdp"), "fsdp"])
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    for r in range(2):
+        out = torch.load(tmp_path / "fsdp" / f"rank{r}.pt")
+        assert out["params"].keys() == one["params"].keys()
+        for name, p in one["params"].items():
+            torch.testing.assert_close(out["params"][name], p, atol=1e-5, rtol=0, msg=name)
