@@ -30,7 +30,8 @@ Then several epochs of minibatch steps on the clipped surrogate (`policy_loss`) 
 
 The value model starts from the reward model when there is one, else from the policy with a zero score head (V = 0).
 Policy and value model sit in one module (`PolicyAndValue`) wrapped once by DDP, so both models' gradients are
-synchronised. ppo_plus.py and drpo.py are this file with a different episode start (a reset); `diff` shows it.
+synchronised (with --fsdp, FSDP2 shards each of the two on its own). ppo_plus.py and drpo.py are this file with a
+different episode start (a reset); `diff` shows it.
 
 Per iteration: roll out -> per-token rewards, GAE, whitening -> PPO epochs over minibatches.
 """
@@ -216,7 +217,8 @@ def rollin(reference, tokenizer, rows: list[dict], args: Args, device) -> list[l
 # Models, rollout, advantages, update
 # ----------------------------------------------------------------------------------------------------------------
 class PolicyAndValue(torch.nn.Module):
-    """The policy and the value model as one module, so that one DDP wrapper synchronises both models' gradients."""
+    """The policy and the value model as one module, so that one DDP wrapper synchronises both models' gradients
+    (common.wrap with fsdp shards each model inside on its own)."""
 
     def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
         super().__init__()

@@ -13,7 +13,7 @@ from CONFIGS skips its command with a note. Only the RL scripts (ppo, ppo_plus, 
 Per GPU, N = parameters, W = world size, b = bytes of --dtype (auto = bfloat16 on GPU: 2):
   trained  policy (+ the value model, a sequence-classification copy of --reward-model or --model, in ppo.py,
            ppo_plus.py, drpo.py): fp32 weights + fp32 grads + AdamW's 2 fp32 moments = 16 B/param, /W under
-           --fsdp; under DDP 20 B/param: common.wrap_ddp keeps DDP's default gradient_as_bucket_view=False, so the
+           --fsdp; under DDP 20 B/param: common.wrap keeps DDP's default gradient_as_bucket_view=False, so the
            all-reduce buckets are a second fp32 copy of the gradients.
   frozen   reference (rebel and the PPO family always, refuel when --kl-coef != 0): fp32, 4 B/param, /W under
            --fsdp; reward model: b B/param, /W under --fsdp; LLM user (refuel --user-model): b B/param, never sharded.
@@ -36,9 +36,10 @@ Per GPU, N = parameters, W = world size, b = bytes of --dtype (auto = bfloat16 o
            dropped since SDPA/flash attention does not store the score matrix; the gated MLP keeps two more I-wide
            tensors. --gradient-checkpointing: 2 x T x S x h per layer (its input) + one layer in full. PPO family:
            policy + value model.
-  logits   the trained forward's S x (max_new_tokens + 1) x vocab logits (common.logprobs: logits_to_keep) at 12 B
-           each: the b-byte logits, the fp32 .float() copy and the fp32 /temperature copy in the forward; the last
-           is kept for backward, beside two fp32 gradients. no-grad: the same for micro_batch_size sequences.
+  logits   the trained forward's S x (max_new_tokens + 1) x vocab logits (common.logprobs: logits_to_keep) at 4 B
+           each: the b-byte logits and their b-byte gradient; common.logprobs takes the fp32 log-softmax over chunks
+           of 64 MB and recomputes each in the backward (bench/logprob_memory.py measures it). no-grad: the same
+           for micro_batch_size sequences (an upper bound: no gradient there).
   peak     trained + frozen + max(copy + KV, [DDP: copy] + act + logits, copy + no-grad logits)
 "DDP peak" is the same recipe without --fsdp. Not counted: the CUDA context, NCCL buffers, allocator fragmentation
 (the reserve under the default 76 GiB), the no-grad passes' layer-at-a-time activations, tokenised data.
@@ -69,7 +70,7 @@ GIB = 2 ** 30
 PPO_FAMILY = {"ppo.py", "ppo_plus.py", "drpo.py"}
 PAIRED = {"rebel.py", "refuel.py"}  # two responses per prompt
 DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
-LOGIT_BYTES = 12
+LOGIT_BYTES = 4
 
 
 def pythia(hidden: int, layers: int, heads: int, intermediate: int):

@@ -11,7 +11,8 @@ from conftest import CPU
 def batch(tokenizer, n: int = 5, width: int = 7):
     """n left-padded prompts of different lengths and random right-padded responses, some ending in EOS."""
     g = torch.Generator().manual_seed(0)
-    query, query_mask = common.left_pad([tokenizer(f"q{'x' * i}")["input_ids"] for i in range(n)], tokenizer.pad_token_id)
+    prompts = [tokenizer(f"q{'x' * i}")["input_ids"] for i in range(n)]
+    query, query_mask = common.left_pad(prompts, tokenizer.pad_token_id)
     responses = torch.randint(10, len(tokenizer), (n, width), generator=g)
     responses[0, 3] = tokenizer.eos_token_id
     responses = common.cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
