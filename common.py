@@ -137,8 +137,8 @@ def wrap(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, fsdp:
     models = [model] if isinstance(model, PreTrainedModel) else \
         [m for m in model.children() if isinstance(m, PreTrainedModel)]
     if gradient_checkpointing:
-        for m in models:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for m in models:  # (gradient_checkpointing_enable before transformers 5.2x, deprecated since)
+            getattr(m, "activation_checkpointing_enable", m.gradient_checkpointing_enable)({"use_reentrant": False})
         model.train()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model
@@ -564,12 +564,6 @@ def check_scores(values, n: int, source: str, device=None) -> torch.Tensor:
     return scores
 
 
-def trl_completions(prompts: list, completions: list[str]) -> list:
-    """Completions as TRL passes them to reward functions: a string for a plain-text prompt, a one-message
-    assistant turn [{"role": "assistant", "content": ...}] for a conversational one."""
-    return [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(prompts, completions)]
-
-
 def column_kwargs(rows: list[dict]) -> dict:
     """The dataset's other columns as keyword lists for a reward function (TRL's convention): every column but the
     prompt, the completion and what tokenize_prompts added."""
@@ -632,15 +626,18 @@ def make_scorer(reward_model: str | None, reward_fn: str, device: torch.device, 
     tokenized dataset rows (tokenize_prompts), `completions` the response texts (after any reset prefix).
 
     A reward function is called as TRL's trainers call theirs, f(prompts=..., completions=..., **columns): prompts
-    as in the dataset (strings or message lists), completions as `trl_completions`, and every other column of the
-    dataset as a keyword list (e.g. `answer=[...]`), so a function written for TRL's GRPO/RLOO runs unchanged."""
+    as in the dataset (strings or message lists), completions as strings (a one-message assistant turn after a
+    conversational prompt), every other column as a keyword list (e.g. `answer=[...]`): a function written for TRL's
+    GRPO/RLOO runs unchanged."""
     if reward_model is None:
         function = load_reward_fn(reward_fn)
 
         def score_fn(rows, completions):
             prompts = [row["prompt"] for row in rows]
-            values = call_user_fn(function, f"--reward-fn {reward_fn}", prompts=prompts,
-                                  completions=trl_completions(prompts, completions), **column_kwargs(rows))
+            completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c  # as TRL passes them
+                           for p, c in zip(prompts, completions)]
+            values = call_user_fn(function, f"--reward-fn {reward_fn}", prompts=prompts, completions=completions,
+                                  **column_kwargs(rows))
             return check_scores(values, len(rows), f"--reward-fn {reward_fn}", device)
 
         return score_fn

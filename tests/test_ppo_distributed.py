@@ -1,4 +1,5 @@
-"""A 2-process gloo run of ppo.py's update equals the 1-process run on the same global batch.
+"""A 2-process gloo run of ppo.py's update, under DDP and under FSDP2, equals the 1-process run on the same global
+batch.
 
 Rollouts cannot be identical across world sizes (each rank samples from its own RNG), so the worker
 (tests/ppo_dist_worker.py) builds one fixed global rollout on every rank, keeps its rank's rows, whitens advantages
@@ -23,7 +24,7 @@ def run(cmd):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_two_processes_match_one(tiny_llama, tmp_path):
+def test_two_processes_ddp_and_fsdp2_match_one(tiny_llama, tmp_path):
     run([sys.executable, WORKER, tiny_llama, str(tmp_path / "one")])
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
          WORKER, tiny_llama, str(tmp_path / "two")])
@@ -48,16 +49,13 @@ def test_two_processes_match_one(tiny_llama, tmp_path):
     assert moved > 1e-3  # the update did change the weights, so the 1e-5 agreement is not vacuous
     assert any(k.startswith("value.model") for k in one["params"])  # the value backbone was trained as well
 
-
-def test_fsdp2_two_processes_match_one(tiny_llama, tmp_path):
-    """The same update with policy and value model sharded by FSDP2 (and gradient checkpointing) equals the single
-    process's to 1e-5: the reduce-scatter averages gradients over ranks as DDP's all-reduce does."""
-    run([sys.executable, WORKER, tiny_llama, str(tmp_path / "one")])
+    # The same update with policy and value model sharded by FSDP2 (and gradient checkpointing): equal to 1e-5, as
+    # the reduce-scatter averages gradients over ranks as DDP's all-reduce does.
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
          WORKER, tiny_llama, str(tmp_path / "fsdp"), "fsdp"])
-    one = torch.load(tmp_path / "one" / "rank0.pt")
     for r in range(2):
         out = torch.load(tmp_path / "fsdp" / f"rank{r}.pt")
         assert out["params"].keys() == one["params"].keys()
         for name, p in one["params"].items():
             torch.testing.assert_close(out["params"][name], p, atol=1e-5, rtol=0, msg=name)
+
