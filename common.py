@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import traceback
 from pathlib import Path
@@ -123,6 +124,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def transformers_models(module: torch.nn.Module):
+    """The outermost transformers models in a module: itself, or those inside a wrapper (PPO's policy + value
+    module, a peft LoRA model)."""
+    if isinstance(module, PreTrainedModel):
+        yield module
+        return
+    for child in module.children():
+        yield from transformers_models(child)
+
+
 def wrap(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, fsdp: bool = False,
          gradient_checkpointing: bool = False) -> torch.nn.Module:
     """Prepare a model (or a module holding models, like PPO's policy + value) for this run's processes.
@@ -134,8 +145,7 @@ def wrap(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, fsdp:
     AdamW state: 1/world each), computing in `dtype` and reducing gradients in float32; frozen models are sharded
     the same way. Without fsdp, a model with trained parameters gets DistributedDataParallel (a full copy per rank,
     fastest when it fits); frozen ones stay as they are."""
-    models = [model] if isinstance(model, PreTrainedModel) else \
-        [m for m in model.children() if isinstance(m, PreTrainedModel)]
+    models = list(transformers_models(model))
     if gradient_checkpointing:
         for m in models:  # (gradient_checkpointing_enable before transformers 5.2x, deprecated since)
             getattr(m, "activation_checkpointing_enable", m.gradient_checkpointing_enable)({"use_reentrant": False})
@@ -217,11 +227,13 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float32, cls=AutoModelForCausalLM,
-               **kwargs) -> torch.nn.Module:
+               lora=None, **kwargs) -> torch.nn.Module:
     """Model by hub id or path, every dropout probability set to 0 (train-mode dropout breaks log-ratios).
 
     `cls` picks the head: AutoModelForCausalLM for policies, AutoModelForSequenceClassification (num_labels=1) for
-    reward and value models."""
+    reward and value models. `lora`, a script's Args: with --lora-r > 0, peft LoRA adapters on
+    --lora-target-modules (default: every linear layer but the output head); only they train, and a sequence
+    classifier's score head in full. B starts at 0, so the adapted model starts exactly equal to the base one."""
     path = resolve_model(name)
     config = AutoConfig.from_pretrained(path, **kwargs)
     for key, value in list(config.to_dict().items()):
@@ -234,21 +246,61 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if lora is not None and lora.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha or 2 * lora.lora_r,
+                                                 lora_dropout=lora.lora_dropout, target_modules=lora.lora_target_modules
+                                                 or "all-linear", modules_to_save=["score"] * hasattr(model, "score")))
     return model.eval()
+
+
+@contextlib.contextmanager
+def as_reference(policy: torch.nn.Module, reference: torch.nn.Module | None):
+    """pi_ref for the block: the reference model, or with LoRA (no reference loaded) the policy itself with its
+    adapter switched off, i.e. the base weights pi_ref started from: no second copy of the model."""
+    if reference is not None:
+        yield reference
+        return
+    with unwrap(policy).disable_adapter():
+        yield policy
+
+
+def lora_merged(model, state: dict | None = None) -> tuple[dict, torch.nn.Module]:
+    """A LoRA model's weights with the adapter merged, W + (alpha / r) B A, and each fully trained module's trained
+    copy, under the base model's own names; and the base model to save them with. `state`: the LoRA model's full
+    state dict (default: its own). The model is left as it is (training may go on)."""
+    state, config = state or model.state_dict(), model.peft_config["default"]
+    merged = {}
+    for key, value in state.items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            stem = key[: -len("base_layer.weight")]
+            delta = state[stem + "lora_B.default.weight"].float() @ state[stem + "lora_A.default.weight"].float()
+            value = value + (config.lora_alpha / config.r * (delta.T if config.fan_in_fan_out else delta)).to(value)
+        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        merged[name.replace(".modules_to_save.default.", ".")] = value
+    return merged, model.get_base_model()
 
 
 def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
     """Save the policy as an HF folder that `from_pretrained` loads (rank 0). Files are written to a temporary
     folder first and moved in, so an interrupted save leaves no half-written model behind."""
-    state = None  # under FSDP2 every rank sends its shards and rank 0 saves the gathered full state dict
+    state, model = None, unwrap(model)  # under FSDP2 every rank sends its shards, rank 0 saves the full state dict
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main():
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
-            unwrap(model).save_pretrained(tmp, state_dict=state)
+            if hasattr(model, "merge_and_unload"):  # LoRA: the adapter alone in adapter/, then the merged weights
+                model.save_pretrained(os.path.join(tmp, "adapter"), state_dict=state)
+                state, model = lora_merged(model, state)
+            model.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
             for name in os.listdir(tmp):
+                if os.path.isdir(os.path.join(output_dir, name)):
+                    shutil.rmtree(os.path.join(output_dir, name))  # an earlier run's adapter/
                 os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     if dist.is_initialized():
         dist.barrier()

@@ -80,6 +80,15 @@ class Args:
     """log training metrics every this many optimizer steps"""
     micro_batch_size: int = 32
     """sequences per forward pass when evaluating"""
+    lora_r: int = 0
+    """LoRA rank, through peft (0: train every weight); with LoRA, pi_ref is the policy with its adapter switched off"""
+    lora_alpha: float | None = None
+    """LoRA's alpha: the adapter adds (alpha / r) B A to each weight (default: 2 x --lora-r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; it acts only in train mode (--gradient-checkpointing) and adds noise to
+    log-ratios"""
+    lora_target_modules: list[str] | None = None
+    """names of the modules to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of policy and reference (both keep fp32 weights, so KL is 0 at step 0; a reward model is
     loaded in it); auto: bfloat16 on GPU, float32 on CPU"""
@@ -168,8 +177,10 @@ def main(args: Args):
     if args.reward_model is not None or args.reward_fn is not None:
         score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
 
-    policy = common.load_model(args.model, device)  # fp32 master weights; autocast runs it in `dtype`
-    reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
+    policy = common.load_model(args.model, device, lora=args)  # fp32 master weights; autocast runs it in `dtype`
+    reference = None  # with LoRA, pi_ref is the policy with its adapter switched off (common.as_reference)
+    if not args.lora_r:
+        reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
     policy = common.wrap(policy, device, dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
@@ -186,8 +197,9 @@ def main(args: Args):
             for i in range(0, len(mine), pairs):
                 rows = [mine[j] for j in range(i, min(i + pairs, len(mine)))]
                 batch = pair_batch(rows, tokenizer, device)
-                totals += pair_stats(sequence_logprobs(model, batch), sequence_logprobs(reference, batch),
-                                     args.beta) * len(rows)
+                with common.as_reference(model, reference) as ref:
+                    logp_ref = sequence_logprobs(ref, batch)
+                totals += pair_stats(sequence_logprobs(model, batch), logp_ref, args.beta) * len(rows)
                 n += len(rows)
             totals = common.all_reduce(torch.cat([totals, torch.tensor([float(n)], device=device)]))
             metrics = dict(zip(STAT_NAMES, (totals[:-1] / totals[-1].clamp(min=1)).tolist()))
@@ -205,8 +217,8 @@ def main(args: Args):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             batch = pair_batch(rows[k * micro:(k + 1) * micro], tokenizer, device)
-            with torch.no_grad(), amp():
-                logp_ref = sequence_logprobs(reference, batch)
+            with torch.no_grad(), amp(), common.as_reference(policy, reference) as ref:
+                logp_ref = sequence_logprobs(ref, batch)
             # chosen and rejected in one forward, so DDP sees one backward per forward
             with common.no_sync_unless(policy, k == args.grad_accum_steps - 1), amp():
                 logp = sequence_logprobs(policy, batch)

@@ -117,6 +117,15 @@ class Args:
     about a third more compute in the update; sampling is unaffected)"""
     generation_batch_size: int | None = None
     """sequences per generate call, which bounds the KV cache's memory (None: this process's whole batch at once)"""
+    lora_r: int = 0
+    """LoRA rank, through peft (0: train every weight); with LoRA, pi_ref is the policy with its adapter switched off"""
+    lora_alpha: float | None = None
+    """LoRA's alpha: the adapter adds (alpha / r) B A to each weight (default: 2 x --lora-r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; it acts only in train mode (--gradient-checkpointing) and adds noise to
+    log-ratios"""
+    lora_target_modules: list[str] | None = None
+    """names of the modules to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of every model (weights stay fp32, the reward model's are loaded in it); auto: bfloat16
     on GPU, float32 on CPU"""
@@ -211,18 +220,21 @@ class PolicyAndValue(torch.nn.Module):
 
 
 def load_value_model(args: Args, device: torch.device) -> torch.nn.Module:
-    """The value model: the reward model if there is one, else the policy's transformer with a zero score head."""
+    """The value model: the reward model if there is one, else the policy's transformer with a zero score head.
+    With LoRA it gets its own adapter, and its score head trains in full."""
     value = common.load_model(args.reward_model or args.model, device, cls=AutoModelForSequenceClassification,
-                              num_labels=1)
+                              lora=args, num_labels=1)
     if args.reward_model is None:
-        torch.nn.init.zeros_(value.score.weight)
+        for weight in value.score.parameters():  # (with LoRA: the head and its trained copy)
+            torch.nn.init.zeros_(weight)
     return value
 
 
 @torch.no_grad()
 def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, amp) -> dict:
     """One episode per prompt: pi_t's response, its pi_t and pi_ref log-probs per token, V(s_t), and the score."""
-    model, device = common.unwrap(model), reference.device
+    model = common.unwrap(model)
+    device = next(model.parameters()).device
     with amp():
         query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
         responses = common.generate(model.policy, tokenizer, query, query_mask, args.max_new_tokens,
@@ -234,8 +246,8 @@ def rollout(model, reference, tokenizer, rows: list[dict], score, args: Args, am
             logp, _, v = model(query[s], query_mask[s], responses[s], mask[s], args.temperature)
             logp_old.append(logp)
             values.append(v * mask[s])
-        logp_ref = common.logprobs(reference, query, query_mask, responses, mask, args.temperature,
-                                   args.micro_batch_size)
+        with common.as_reference(model.policy, reference) as ref:
+            logp_ref = common.logprobs(ref, query, query_mask, responses, mask, args.temperature, args.micro_batch_size)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
     scores = score(rows, texts)
@@ -321,10 +333,11 @@ def main(args: Args):
     eval_rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
 
     # fp32 master weights for the trained models; autocast runs them in `dtype`
-    model = PolicyAndValue(common.load_model(args.model, device), load_value_model(args, device))
+    model = PolicyAndValue(common.load_model(args.model, device, lora=args), load_value_model(args, device))
     model = common.wrap(model, device, dtype, args.fsdp, args.gradient_checkpointing)
-    reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
-    reference = common.wrap(reference, device, dtype, args.fsdp)
+    reference = None  # with LoRA, pi_ref is the policy with its adapter off (common.as_reference)
+    if not args.lora_r:  # loaded as the policy: KL 0 at step 0
+        reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)

@@ -101,6 +101,15 @@ class Args:
     about a third more compute in the update; sampling is unaffected)"""
     generation_batch_size: int | None = None
     """sequences per generate call, which bounds the KV cache's memory (None: this process's whole batch at once)"""
+    lora_r: int = 0
+    """LoRA rank, through peft (0: train every weight); with LoRA, pi_ref is the policy with its adapter switched off"""
+    lora_alpha: float | None = None
+    """LoRA's alpha: the adapter adds (alpha / r) B A to each weight (default: 2 x --lora-r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; it acts only in train mode (--gradient-checkpointing) and adds noise to
+    log-ratios"""
+    lora_target_modules: list[str] | None = None
+    """names of the modules to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of every model (policy and reference weights stay fp32, the reward model's are loaded in
     it); auto: bfloat16 on GPU, float32 on CPU"""
@@ -111,12 +120,8 @@ class Args:
 def check_args(args: Args, world_size: int):
     """Reject bad flag combinations with one clear line, before anything is loaded."""
     common.check_flags(args, world_size, batch_split=("num_minibatches", "grad_accum_steps"),
-                       positive=("num_iterations", "num_passes", "num_minibatches", "grad_accum_steps",
-                                 "max_new_tokens", "micro_batch_size", "num_eval_prompts", "max_prompt_length"))
-    if args.temperature <= 0:
-        common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
-    if args.eta <= 0:
-        common.fail(f"--eta must be positive, got {args.eta}")
+                       positive=("num_iterations", "num_passes", "num_minibatches", "grad_accum_steps", "temperature",
+                                 "eta", "max_new_tokens", "micro_batch_size", "num_eval_prompts", "max_prompt_length"))
 
 
 def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
@@ -133,7 +138,7 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
     """Two responses per prompt, their pi_t and pi_ref log-probs, and their KL-regularised rewards.
 
     Returns tensors with the y half first and the y' half second (2b rows)."""
-    device = reference.device
+    device = next(policy.parameters()).device
     query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
     query, query_mask = query.repeat(2, 1), query_mask.repeat(2, 1)
     b = len(rows)
@@ -145,8 +150,9 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
             y = common.generate(policy, tokenizer, query[:b], query_mask[:b], args.max_new_tokens, args.temperature,
                                 args.generation_batch_size)
             if args.mu == "reference":
-                y_pair = common.generate(reference, tokenizer, query[b:], query_mask[b:], args.max_new_tokens,
-                                         args.temperature, args.generation_batch_size)
+                with common.as_reference(policy, reference) as ref:
+                    y_pair = common.generate(ref, tokenizer, query[b:], query_mask[b:], args.max_new_tokens,
+                                             args.temperature, args.generation_batch_size)
             else:
                 y_pair = common.right_pad([r["reference_ids"] for r in rows], args.max_new_tokens,
                                           tokenizer.pad_token_id, device)
@@ -154,8 +160,8 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
             responses = torch.cat([y, y_pair])
         mask = common.eos_mask(responses, tokenizer.eos_token_id)
         logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature, args.micro_batch_size)
-        logp_ref = common.logprobs(reference, query, query_mask, responses, mask, args.temperature,
-                                   args.micro_batch_size)
+        with common.as_reference(policy, reference) as ref:
+            logp_ref = common.logprobs(ref, query, query_mask, responses, mask, args.temperature, args.micro_batch_size)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
     scores = score(rows * 2, texts)
@@ -211,9 +217,13 @@ def main(args: Args):
     train_rows = common.tokenize_prompts(train_rows, tokenizer, args.max_prompt_length)
     eval_rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
 
-    # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's
-    policy = common.wrap(common.load_model(args.model, device), device, dtype, args.fsdp, args.gradient_checkpointing)
-    reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
+    # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's.
+    # With LoRA no reference is loaded: pi_ref is the policy with its adapter switched off (common.as_reference).
+    policy = common.wrap(common.load_model(args.model, device, lora=args), device, dtype, args.fsdp,
+                         args.gradient_checkpointing)
+    reference = None
+    if not args.lora_r:
+        reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)

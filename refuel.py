@@ -132,6 +132,15 @@ class Args:
     about a third more compute in the update; sampling is unaffected)"""
     generation_batch_size: int | None = None
     """sequences per generate call, which bounds the KV cache's memory (None: --micro-batch-size)"""
+    lora_r: int = 0
+    """LoRA rank, through peft (0: train every weight); with LoRA, pi_ref is the policy with its adapter switched off"""
+    lora_alpha: float | None = None
+    """LoRA's alpha: the adapter adds (alpha / r) B A to each weight (default: 2 x --lora-r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; it acts only in train mode (--gradient-checkpointing) and adds noise to
+    log-ratios"""
+    lora_target_modules: list[str] | None = None
+    """names of the modules to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of every model (the policy's and reference's weights stay fp32; the user's and the reward
     model's are loaded in it); auto: bfloat16 on GPU, float32 on CPU"""
@@ -326,9 +335,10 @@ def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: A
         logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature,
                                    args.micro_batch_size).sum(1)
         kl = torch.zeros_like(logp_old)
-        if reference is not None:
-            kl = logp_old - common.logprobs(reference, query, query_mask, responses, mask, args.temperature,
-                                            args.micro_batch_size).sum(1)
+        if args.kl_coef:
+            with common.as_reference(policy, reference) as ref:
+                kl = logp_old - common.logprobs(ref, query, query_mask, responses, mask, args.temperature,
+                                                args.micro_batch_size).sum(1)
     keep = torch.tensor([a != a_pair for a, a_pair in zip(answers[:b], answers[b:])], device=device).float()
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
                 scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, keep=keep, dialogues=dialogues,
@@ -417,9 +427,11 @@ def main(args: Args):
         common.fail(f"--model {args.model}: the tokenizer has no chat template (dialogues need one)")
 
     # fp32 weights for both, run under the same autocast: at step 0 the reference's log-probs equal the policy's
-    policy = common.wrap(common.load_model(args.model, device), device, dtype, args.fsdp, args.gradient_checkpointing)
+    # With LoRA no reference is loaded: pi_ref is the policy with its adapter switched off (common.as_reference).
+    policy = common.wrap(common.load_model(args.model, device, lora=args), device, dtype, args.fsdp,
+                         args.gradient_checkpointing)
     reference = None
-    if args.kl_coef:
+    if args.kl_coef and not args.lora_r:
         reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,

@@ -75,6 +75,15 @@ class Args:
     """log the training loss every this many optimizer steps"""
     micro_batch_size: int = 32
     """sequences per forward pass when evaluating"""
+    lora_r: int = 0
+    """LoRA rank, through peft (0: train every weight); with LoRA, pi_ref is the policy with its adapter switched off"""
+    lora_alpha: float | None = None
+    """LoRA's alpha: the adapter adds (alpha / r) B A to each weight (default: 2 x --lora-r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input; it acts only in train mode (--gradient-checkpointing) and adds noise to
+    log-ratios"""
+    lora_target_modules: list[str] | None = None
+    """names of the modules to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
@@ -144,7 +153,7 @@ def main(args: Args):
     if args.reward_model is not None or args.reward_fn is not None:
         score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
 
-    model = common.wrap(common.load_model(args.model, device), device, dtype)
+    model = common.wrap(common.load_model(args.model, device, lora=args), device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)

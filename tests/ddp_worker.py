@@ -4,7 +4,9 @@ usage: python -m torch.distributed.run --nproc_per_node N tests/ddp_worker.py MO
 Rank 0 saves the flat parameter vector, the largest difference between any rank's parameters and its own, and
 common.all_reduce (sum and mean=True) of (rank + 1, 1). With `fsdp`: FSDP2 (common.wrap(..., fsdp=True)) with
 gradient checkpointing, the full parameters gathered from the shards, every rank's local bytes of parameters and
-AdamW state, and the model saved by common.save_model to OUT_FILE + ".model"."""
+AdamW state, and the model saved by common.save_model to OUT_FILE + ".model".
+Then the same update of a LoRA policy (--lora-r 4, same wrapping): its trainable parameters' names and values, its
+log-probs of the batch after the update, and the policy saved to OUT_FILE + ".lora" (merged weights + adapter/)."""
 
 import os
 import sys
@@ -74,7 +76,21 @@ if fsdp:  # every rank's counts, in rank order
     every = [None] * world
     dist.all_gather_object(every, shards)
     shards = {key: [counts[key] for counts in every] for key in shards}
+
+# LoRA: the same update; only the adapters train, pi_ref would be this model with the adapter off.
+torch.manual_seed(0)  # the adapters' random A, the same in every run and on every rank
+lora = common.load_model(model_dir, device, lora=rebel.Args(lora_r=4))
+lora = common.wrap(lora, device, torch.float32, fsdp=fsdp)
+optimizer = torch.optim.AdamW(lora.parameters(), lr=args.lr, eps=args.adam_eps)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+torch.manual_seed(rank)
+rebel.update(lora, optimizer, scheduler, local, args, common.precision("float32", device)[1])
+trained = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+           for name, p in common.unwrap(lora).named_parameters() if p.requires_grad}
+lora_logp = common.logprobs(lora, query, query_mask, responses, mask, 0.7, 4)
+common.save_model(lora, tokenizer, out + ".lora")
 if rank == 0:
     torch.save({"params": params, "rank_diff": max((g - params).abs().max().item() for g in gathered), **reduced,
-                **shards}, out)
+                **shards, "lora_trained": trained, "lora_logp": lora_logp,
+                "batch": {k: batch[k] for k in ("query", "query_mask", "responses", "mask")}}, out)
 common.clean_exit()

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import tyro
+from transformers import AutoModelForCausalLM
 
 import common
 import rebel
@@ -154,6 +155,22 @@ def test_two_processes_ddp_and_fsdp2_match_one_process_on_the_same_global_batch(
     assert sum(fsdp["param_bytes"]) >= full  # the shards cover the model (dim-0 padding may add a few rows)
     saved = common.load_model(str(tmp_path / "fsdp.pt.model"), CPU)
     assert torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), fsdp["params"])
+
+    # LoRA (--lora-r 4): only the adapters train (A and B of every linear layer of the 2 blocks), and the update is
+    # the same in 1 process, under DDP and under FSDP2. The saved folder loads with plain transformers (the adapter
+    # merged in) and gives the trained LoRA policy's log-probs.
+    names = list(one["lora_trained"])
+    assert len(names) == 2 * 7 * 2 and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert max(v.abs().max().item() for n, v in one["lora_trained"].items() if ".lora_B." in n) > 1e-3  # B left 0
+    for run in (two, fsdp):
+        for name in names:
+            torch.testing.assert_close(run["lora_trained"][name], one["lora_trained"][name], atol=1e-5, rtol=0)
+    b = one["batch"]
+    for folder in ("one.pt.lora", "fsdp.pt.lora"):
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / folder)
+        assert (tmp_path / folder / "adapter" / "adapter_config.json").exists()
+        logp = common.logprobs(merged, b["query"], b["query_mask"], b["responses"], b["mask"], 0.7, 4)
+        torch.testing.assert_close(logp, one["lora_logp"], atol=1e-5, rtol=0)
 
 
 def cli(*flags):
