@@ -17,6 +17,9 @@ Per GPU, N = parameters, W = world size, b = bytes of --dtype (auto = bfloat16 o
            all-reduce buckets are a second fp32 copy of the gradients.
   frozen   reference (rebel and the PPO family always, refuel when --kl-coef != 0): fp32, 4 B/param, /W under
            --fsdp; reward model: b B/param, /W under --fsdp; LLM user (refuel --user-model): b B/param, never sharded.
+  LoRA     with --lora-r r: "trained" is the adapters, r x (fan-in + fan-out) per linear layer but the output head
+           (plus the value model's score head), and the base weights of policy (and value model) are frozen fp32,
+           4 B/param; no reference is loaded (pi_ref is the policy with its adapter off).
   copy     a b-byte working copy of weights. --fsdp: sampling and no-grad passes all-gather one whole model at a
            time (assumed: FSDP2 with param_dtype = b-byte dtype), so b x the largest sharded model; the update pass
            gathers one layer at a time (neglected). DDP: autocast caches the bf16 cast of every fp32 weight that
@@ -115,6 +118,20 @@ def num_params(name: str, scalar_head: bool = False) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.cache
+def lora_params(name: str, r: int, scalar_head: bool = False) -> int:
+    """Parameters of rank-r LoRA adapters on every linear layer but the output head (peft's "all-linear"): r x
+    (fan-in + fan-out) each; with scalar_head, plus the one-label score head, which trains in full."""
+    config = model_config(name)
+    config.num_labels = 1
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if scalar_head else AutoModelForCausalLM).from_config(config)
+    heads = {"score", "lm_head", "embed_out"}
+    adapters = sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in heads)
+    return adapters + (sum(p.numel() for p in model.score.parameters()) if scalar_head else 0)
+
+
 def trained_bytes(n: int, world: int, fsdp: bool) -> float:
     return 16 * n / world if fsdp else 20 * n
 
@@ -160,7 +177,9 @@ def components(script: str, world: int, a, fsdp: bool) -> dict:
     n_reward = num_params(a.reward_model, True) if a.reward_model else 0
     user = getattr(a, "user_model", None)
     shard = world if fsdp else 1
-    has_reference = script != "refuel.py" or a.kl_coef != 0
+    r = getattr(a, "lora_r", 0)  # LoRA: no reference (the policy with its adapter off), frozen fp32 base weights
+    has_reference = (script != "refuel.py" or a.kl_coef != 0) and not r
+    n_lora = lora_params(a.model, r) + (lora_params(a.reward_model or a.model, r, True) if ppo else 0) if r else 0
     local = a.batch_size // world
     pairs = 2 if script in PAIRED and getattr(a, "mu", "policy") == "policy" else 1
     gen = min(getattr(a, "generation_batch_size", None) or local * pairs, local * pairs)
@@ -172,9 +191,10 @@ def components(script: str, world: int, a, fsdp: bool) -> dict:
     act = activation_bytes(policy, micro, length, gc, nbytes)
     if ppo:
         act += activation_bytes(model_config(a.reward_model or a.model), micro, length, gc, nbytes)
-    ddp_copy = nbytes * (n_policy + n_value) if nbytes == 2 else 0
-    parts = {"trained": trained_bytes(n_policy + n_value, world, fsdp),
-             "frozen": (4 * n_policy * has_reference + nbytes * n_reward) / shard
+    n_trained = n_lora if r else n_policy + n_value
+    ddp_copy = nbytes * n_trained if nbytes == 2 else 0
+    parts = {"trained": trained_bytes(n_trained, world, fsdp),
+             "frozen": (4 * n_policy * has_reference + 4 * (n_policy + n_value) * bool(r) + nbytes * n_reward) / shard
              + nbytes * (num_params(user) if user else 0),
              "copy": nbytes * max(n_policy, n_value, n_reward) if fsdp else ddp_copy,
              "KV": kv, "act": act, "logits": logit_bytes(policy, micro, a.max_new_tokens),

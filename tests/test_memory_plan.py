@@ -110,3 +110,11 @@ def test_every_readme_recipe_fits_an_80gb_gpu(readme_plan):
     rows, _ = readme_plan
     too_big = [(r.line, r.script, round(r.peak / 2 ** 30, 1)) for r in rows if r.peak > 76 * 2 ** 30]
     assert not too_big
+
+
+def test_readme_shows_the_plan_as_the_script_prints_it(capsys):
+    """The table in README.md is `python bench/memory_plan.py`'s output for the README as it is (recipes and their
+    line numbers): after changing a recipe, paste the new output over the old table."""
+    mp.main([])
+    printed = capsys.readouterr().out.strip()
+    assert printed in open(os.path.join(ROOT, "README.md")).read()
