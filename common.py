@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import traceback
@@ -23,10 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from datasets import Dataset, load_dataset
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
@@ -50,7 +53,7 @@ def check_flags(args, world_size: int, positive: tuple = (), batch_split: tuple 
     positive --lr, a --warmup-ratio in [0, 1), an --output-dir that can be written (checked without creating
     anything), a --report-to package that is installed, and a reward that fits the dataset (the default rule reward
     scores only the embedded task, so any other --dataset needs --reward-model or --reward-fn)."""
-    for flag in positive + ("lr",) * hasattr(args, "lr"):
+    for flag in positive + ("lr",) * hasattr(args, "lr") + ("keep_checkpoints",) * hasattr(args, "keep_checkpoints"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if batch_split:
@@ -72,6 +75,8 @@ def check_flags(args, world_size: int, positive: tuple = (), batch_split: tuple 
     if getattr(args, "report_to", "none") != "none" and importlib.util.find_spec(args.report_to) is None:
         fail(f"--report-to {args.report_to}: the package '{args.report_to}' is not installed "
              f"(pip install {args.report_to})")
+    if getattr(args, "resume", False):
+        check_resume(args)
     fields = getattr(type(args), "__dataclass_fields__", {})
     if {"reward_fn", "reward_model", "dataset"} <= set(fields) and args.reward_model is None and \
             args.reward_fn is not None and args.reward_fn == fields["reward_fn"].default and \
@@ -305,6 +310,87 @@ def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
     if dist.is_initialized():
         dist.barrier()
 
+# ---- Checkpoints: --save-every, --resume ------------------------------------------------------------------------
+RUN_FLAGS_THAT_MAY_CHANGE = {"output_dir", "resume", "save_every", "keep_checkpoints", "report_to"}
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """The complete checkpoints in output_dir (checkpoint-<step> folders), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = sorted(int(n.split("-")[1]) for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n))
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
+def check_resume(args):
+    """--resume: one error line, before anything is loaded, if output_dir holds no checkpoint or if the run's flags
+    differ from the checkpoint's in anything but where it writes and how often it saves."""
+    found = checkpoints(args.output_dir)
+    if not found:
+        fail(f"--resume: no checkpoint-<step> folder in --output-dir {args.output_dir}")
+    with open(os.path.join(found[-1], "args.json")) as f:
+        saved = json.load(f)
+    now = json.loads(json.dumps(vars(args)))
+    changed = [f"--{k.replace('_', '-')} {now.get(k)} (the checkpoint's: {saved.get(k)})" for k in sorted(saved)
+               if k not in RUN_FLAGS_THAT_MAY_CHANGE and saved.get(k) != now.get(k)]
+    if changed:
+        fail(f"--resume: {found[-1]} was written with other flags: " + ", ".join(changed))
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(args, step: int, model, optimizer, scheduler, extra: dict):
+    """--output-dir/checkpoint-<step>: the trained weights and AdamW state (torch.distributed.checkpoint: under FSDP2
+    each rank writes its own shards; LoRA's frozen base is left out), the scheduler, the flags, `extra` (e.g. the
+    evaluation before training) and every rank's random-number states. Written into a .tmp folder and renamed once
+    complete, so a crash during a save leaves the previous checkpoint as it was; the last --keep-checkpoints stay."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if is_main() and os.path.isdir(tmp):
+        shutil.rmtree(tmp)  # what an earlier crash left
+    if dist.is_initialized():
+        dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    if is_main():
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "extra": extra}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    if dist.is_initialized():
+        dist.barrier()
+    if is_main():
+        os.replace(tmp, final)
+        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(output_dir: str, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore the latest checkpoint of output_dir into model, optimizer and scheduler, and this rank's random-number
+    states; return (its step, its `extra`)."""
+    latest = checkpoints(output_dir)[-1]
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=latest)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True))
+    saved = torch.load(os.path.join(latest, "state.pt"), weights_only=False)
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = torch.load(os.path.join(latest, f"rng-{dist.get_rank() if dist.is_initialized() else 0}.pt"),
+                     weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return saved["step"], saved["extra"]
+
+
 # ---- Data: load_dataset on a hub id or a local file, TRL's formats, chat templates -----------------------------
 def _source(name: str) -> tuple[str, dict]:
     """load_dataset arguments for a hub id, a local folder, or a local .json/.jsonl/.csv/.parquet file."""
@@ -436,17 +522,19 @@ def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torc
     return ids.to(device), mask.to(device)
 
 
-def right_pad(sequences: list[list[int]], width: int, pad_id: int, device=None) -> torch.Tensor:
-    """Right-pad (or cut) token lists to `width` columns."""
+def right_pad(sequences: list[list[int]], width: int, pad_id: int, device=None, eos_id: int | None = None
+              ) -> torch.Tensor:
+    """Right-pad (or cut) token lists to `width` columns; with eos_id, padding after each row's first EOS too."""
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):
         s = s[:width]
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids.to(device)
+    return ids.to(device) if eos_id is None else cut_after_eos(ids.to(device), eos_id, pad_id)
 
 
-def prompt_batches(data: Dataset, batch_size: int, seed: int):
-    """Endless iterator of this rank's share of each global batch of rows (lists of dicts).
+def prompt_batches(data: Dataset, batch_size: int, seed: int, skip: int = 0):
+    """Endless iterator of this rank's share of each global batch of rows (lists of dicts), after the first `skip`
+    batches (those a resumed run's checkpoint already trained on).
 
     Every epoch is a fresh permutation (same on all ranks); rank r takes rows r, r+W, r+2W, ... of it, so the
     global batch is the same set of prompts for any number of processes."""
@@ -457,6 +545,9 @@ def prompt_batches(data: Dataset, batch_size: int, seed: int):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
             mine = order[start:start + batch_size][rank::world]
+            if skip:
+                skip -= 1
+                continue
             yield [data[i] for i in mine[:local]]
         epoch += 1
 
@@ -743,15 +834,21 @@ def make_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: i
                          num_training_steps=total_steps)
 
 
-def make_logger(output_dir: str, report_to: str, config: dict, device):
+def make_logger(output_dir: str, report_to: str, config: dict, device, resume_step: int = 0):
     """log(metrics, step), called on every rank: each metric's mean over all processes, then (rank 0) one line on
     stdout, a JSON line in output_dir/metrics.jsonl, and tensorboard or wandb when --report-to asks for it.
 
     A loss that is NaN or infinite stops the run there: every rank sees the same means, so all stop together, before
-    anything is saved (an earlier model and its metrics.jsonl in --output-dir stay as they were)."""
+    anything is saved (an earlier model and its metrics.jsonl in --output-dir stay as they were). A resumed run keeps
+    the lines up to its checkpoint's step `resume_step` (a killed run may have logged past it), and continues."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "metrics.jsonl")
     started = []  # metrics.jsonl is rewritten at the first log, so a run stopped before it keeps an earlier file
+    kept = []  # on resume: the lines up to the checkpoint's step's own line
+    for line in open(path) if resume_step else []:
+        kept.append(line)
+        if json.loads(line)["step"] >= resume_step:
+            break
     writer = None
     if is_main() and report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
@@ -776,6 +873,7 @@ def make_logger(output_dir: str, report_to: str, config: dict, device):
             return
         tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         with open(path, "a" if started else "w") as f:
+            f.writelines(kept if not started else [])
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         started.append(step)
         if writer is not None:
@@ -788,6 +886,13 @@ def make_logger(output_dir: str, report_to: str, config: dict, device):
             wandb.log(metrics, step=step)
 
     return log
+
+
+def finish(model, tokenizer, output_dir: str, what: str = "policy"):
+    """The end of a training run: save the model (`save_model`), say where, and leave the process group."""
+    save_model(model, tokenizer, output_dir)
+    print0(f"saved the {what} to {output_dir}")
+    clean_exit()
 
 
 def clean_exit():

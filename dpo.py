@@ -46,6 +46,13 @@ class Args:
     """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
     output_dir: str | None = None
     """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
+    save_every: int = 0
+    """write a checkpoint every this many optimizer steps (0: none): weights, AdamW state, schedule, data position
+    and every rank's random states, for --resume"""
+    keep_checkpoints: int = 1
+    """how many of the latest checkpoints to keep in --output-dir"""
+    resume: bool = False
+    """continue from the latest checkpoint in --output-dir, with the same flags (metrics.jsonl is continued)"""
     seed: int = 1
     """random seed"""
     beta: float = 0.1
@@ -185,7 +192,10 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
+    start, saved = 0, {}
+    if args.resume:  # weights, AdamW state, schedule and random states as the checkpoint left them
+        start, saved = common.load_checkpoint(args.output_dir, policy, optimizer, scheduler)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device, start)
 
     @torch.no_grad()
     def eval_metrics() -> dict:
@@ -208,12 +218,12 @@ def main(args: Args):
                                                  args.eval_temperature, args.micro_batch_size, device)
         return metrics
 
-    before = eval_metrics()
+    before = saved.get("before") or eval_metrics()
     common.print0("before training: eval " + "  ".join(f"{k} {v:.4g}" for k, v in before.items()))
-    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed, skip=start)
     micro = args.batch_size // world_size // args.grad_accum_steps
-    stats = []
-    for step in tqdm(range(1, num_steps + 1), disable=rank != 0, desc=args.exp_name):
+    stats = saved.get("stats", [])  # the steps since the last log line
+    for step in tqdm(range(start + 1, num_steps + 1), disable=rank != 0, desc=args.exp_name):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             batch = pair_batch(rows[k * micro:(k + 1) * micro], tokenizer, device)
@@ -231,14 +241,14 @@ def main(args: Args):
         if step % args.log_every == 0 or step == num_steps:
             log(dict(zip(STAT_NAMES, torch.stack(stats).mean(0))) | {"lr": scheduler.get_last_lr()[0]}, step)
             stats = []
+        if args.save_every and step % args.save_every == 0:
+            common.save_checkpoint(args, step, policy, optimizer, scheduler, {"before": before, "stats": stats})
 
     after = eval_metrics()
     common.print0("after training:  eval " + "  ".join(f"{k} {v:.4g}" for k, v in after.items()))
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         num_steps)
-    common.save_model(policy, tokenizer, args.output_dir)
-    common.print0(f"saved the policy to {args.output_dir}")
-    common.clean_exit()
+    common.finish(policy, tokenizer, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,13 @@ class Args:
     """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
     output_dir: str | None = None
     """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
+    save_every: int = 0
+    """write a checkpoint every this many iterations (0: none): weights, AdamW state, schedule, data position and
+    every rank's random states, for --resume"""
+    keep_checkpoints: int = 1
+    """how many of the latest checkpoints to keep in --output-dir"""
+    resume: bool = False
+    """continue from the latest checkpoint in --output-dir, with the same flags (metrics.jsonl is continued)"""
     seed: int = 1
     """random seed (each process adds its rank)"""
     num_iterations: int = 12
@@ -364,17 +371,20 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
+    start, saved = 0, {}
+    if args.resume:  # weights, AdamW state, schedule and random states as the checkpoint left them
+        start, saved = common.load_checkpoint(args.output_dir, model, optimizer, scheduler)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device, start)
 
     def eval_metrics():  # always from the bare prompt
         with amp():
             return common.score_held_out(common.unwrap(model).policy, tokenizer, eval_rows, score, args.max_new_tokens,
                                          args.eval_temperature, args.micro_batch_size, device)
 
-    before = eval_metrics()
+    before = saved.get("before") or eval_metrics()
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
-    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed, skip=start)
+    for iteration in tqdm(range(start + 1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
         # 1. Reset to x + a prefix of y*; pi_t writes the rest; score it; log-probs and values per token.
         batch = rollout(model, reference, tokenizer, next(batches), score, args, amp)
         # 2. Per-token rewards, GAE, returns; whiten the advantages over the global batch.
@@ -389,14 +399,14 @@ def main(args: Args):
                    "prefix_length": batch["prefix_length"].mean(),
                    **stats}
         log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
+        if args.save_every and iteration % args.save_every == 0:
+            common.save_checkpoint(args, iteration, model, optimizer, scheduler, {"before": before})
 
     after = eval_metrics()
     common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         args.num_iterations)
-    common.save_model(common.unwrap(model).policy, tokenizer, args.output_dir)
-    common.print0(f"saved the policy to {args.output_dir}")
-    common.clean_exit()
+    common.finish(common.unwrap(model).policy, tokenizer, args.output_dir)
 
 
 if __name__ == "__main__":

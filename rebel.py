@@ -55,6 +55,13 @@ class Args:
     """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
     output_dir: str | None = None
     """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
+    save_every: int = 0
+    """write a checkpoint every this many iterations (0: none): weights, AdamW state, schedule, data position and
+    every rank's random states, for --resume"""
+    keep_checkpoints: int = 1
+    """how many of the latest checkpoints to keep in --output-dir"""
+    resume: bool = False
+    """continue from the latest checkpoint in --output-dir, with the same flags (metrics.jsonl is continued)"""
     seed: int = 1
     """random seed (each process adds its rank)"""
     num_iterations: int = 10
@@ -155,8 +162,7 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
                                              args.temperature, args.generation_batch_size)
             else:
                 y_pair = common.right_pad([r["reference_ids"] for r in rows], args.max_new_tokens,
-                                          tokenizer.pad_token_id, device)
-                y_pair = common.cut_after_eos(y_pair, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                                          tokenizer.pad_token_id, device, tokenizer.eos_token_id)
             responses = torch.cat([y, y_pair])
         mask = common.eos_mask(responses, tokenizer.eos_token_id)
         logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature, args.micro_batch_size)
@@ -227,17 +233,20 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
+    start, saved = 0, {}
+    if args.resume:  # weights, AdamW state, schedule and random states as the checkpoint left them
+        start, saved = common.load_checkpoint(args.output_dir, policy, optimizer, scheduler)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device, start)
 
     def eval_metrics():
         with amp():
             return common.score_held_out(policy, tokenizer, eval_rows, score, args.max_new_tokens,
                                          args.eval_temperature, args.micro_batch_size, device)
 
-    before = eval_metrics()
+    before = saved.get("before") or eval_metrics()
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
-    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed, skip=start)
+    for iteration in tqdm(range(start + 1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
         # 1. Sample two responses per prompt from pi_t; score them; KL-regularise the scores.
         batch = rollout(policy, reference, tokenizer, next(batches), score, args, amp)
         # 2. Regress the relative log-ratio onto the relative reward (K passes, minibatches).
@@ -246,14 +255,14 @@ def main(args: Args):
         metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "eos_fraction": batch["ended"].mean(),
                    "length": batch["mask"].sum(1).float().mean(), **stats}
         log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
+        if args.save_every and iteration % args.save_every == 0:
+            common.save_checkpoint(args, iteration, policy, optimizer, scheduler, {"before": before})
 
     after = eval_metrics()
     common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         args.num_iterations)
-    common.save_model(policy, tokenizer, args.output_dir)
-    common.print0(f"saved the policy to {args.output_dir}")
-    common.clean_exit()
+    common.finish(policy, tokenizer, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,13 @@ class Args:
     """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
     output_dir: str | None = None
     """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
+    save_every: int = 0
+    """write a checkpoint every this many iterations (0: none): weights, AdamW state, schedule, data position and
+    every rank's random states, for --resume"""
+    keep_checkpoints: int = 1
+    """how many of the latest checkpoints to keep in --output-dir"""
+    resume: bool = False
+    """continue from the latest checkpoint in --output-dir, with the same flags (metrics.jsonl is continued)"""
     seed: int = 1
     """random seed (each process adds its rank)"""
     max_turns: int = 5
@@ -436,12 +443,15 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
+    start, saved = 0, {}
+    if args.resume:  # weights, AdamW state, schedule and random states as the checkpoint left them
+        start, saved = common.load_checkpoint(args.output_dir, policy, optimizer, scheduler)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device, start)
 
-    before = evaluate_turns(policy, tokenizer, user, score, eval_rows, args, amp)
+    before = saved.get("before") or evaluate_turns(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("before training, eval reward per turn: " + " ".join(f"{v:.3f}" for v in before))
-    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
-    for iteration in tqdm(range(1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed, skip=start)
+    for iteration in tqdm(range(start + 1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
         # 1. Roll in to turn h, branch two futures to turn H with pi_t and the user, score both.
         batch = rollout(policy, reference, tokenizer, user, score, next(batches), args, amp)
         # 2. Regress the relative log-ratio of the turn-h answers onto the relative future reward.
@@ -452,6 +462,8 @@ def main(args: Args):
                    "reset_turn": torch.tensor(batch["resets"], dtype=torch.float).mean(),
                    "turn_h_length": batch["mask"].sum(1).float().mean(), **stats}
         log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
+        if args.save_every and iteration % args.save_every == 0:
+            common.save_checkpoint(args, iteration, policy, optimizer, scheduler, {"before": before})
 
     after = evaluate_turns(policy, tokenizer, user, score, eval_rows, args, amp)
     common.print0("eval reward per turn (accuracy for the embedded task)\nturn  before  after")
@@ -459,9 +471,7 @@ def main(args: Args):
         common.print0(f"{turn:>4}  {old:6.3f}  {new:6.3f}")
     log({f"eval_turn{t}_before": v for t, v in enumerate(before, 1)}
         | {f"eval_turn{t}_after": v for t, v in enumerate(after, 1)}, args.num_iterations)
-    common.save_model(policy, tokenizer, args.output_dir)
-    common.print0(f"saved the policy to {args.output_dir}")
-    common.clean_exit()
+    common.finish(policy, tokenizer, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,13 @@ class Args:
     """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
     output_dir: str | None = None
     """where the reward model (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
+    save_every: int = 0
+    """write a checkpoint every this many optimizer steps (0: none): weights, AdamW state, schedule, data position
+    and every rank's random states, for --resume"""
+    keep_checkpoints: int = 1
+    """how many of the latest checkpoints to keep in --output-dir"""
+    resume: bool = False
+    """continue from the latest checkpoint in --output-dir, with the same flags (metrics.jsonl is continued)"""
     seed: int = 1
     """random seed"""
     num_epochs: float = 0.03
@@ -152,18 +159,21 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
-    log = common.make_logger(args.output_dir, args.report_to, vars(args), device)
+    start, saved = 0, {}
+    if args.resume:  # weights, AdamW state, schedule and random states as the checkpoint left them
+        start, saved = common.load_checkpoint(args.output_dir, model, optimizer, scheduler)
+    log = common.make_logger(args.output_dir, args.report_to, vars(args), device, start)
 
     def eval_metrics() -> dict:
         with amp():
             return accuracy(reward_model, tokenizer, eval_rows, args.micro_batch_size, device)
 
-    before = eval_metrics()
+    before = saved.get("before") or eval_metrics()
     common.print0(f"before training: held-out accuracy {before['accuracy']:.3f}")
-    batches = common.prompt_batches(train_rows, args.batch_size, args.seed)
+    batches = common.prompt_batches(train_rows, args.batch_size, args.seed, skip=start)
     micro = args.batch_size // world_size // args.grad_accum_steps
-    stats = []
-    for step in tqdm(range(1, num_steps + 1), disable=rank != 0, desc=args.exp_name):
+    stats = saved.get("stats", [])  # the steps since the last log line
+    for step in tqdm(range(start + 1, num_steps + 1), disable=rank != 0, desc=args.exp_name):
         rows = next(batches)
         for k in range(args.grad_accum_steps):
             part = rows[k * micro:(k + 1) * micro]
@@ -183,6 +193,8 @@ def main(args: Args):
             metrics = dict(zip(("loss", "accuracy", "margin"), torch.stack(stats).mean(0)))
             log(metrics | {"lr": scheduler.get_last_lr()[0]}, step)
             stats = []
+        if args.save_every and step % args.save_every == 0:
+            common.save_checkpoint(args, step, model, optimizer, scheduler, {"before": before, "stats": stats})
 
     after = eval_metrics()
     common.print0(f"after training:  held-out accuracy {after['accuracy']:.3f} (margin {after['margin']:.3f})")
@@ -199,9 +211,7 @@ def main(args: Args):
                       f"{after['chosen_score']:.3f}")
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         num_steps)
-    common.save_model(reward_model, tokenizer, args.output_dir)
-    common.print0(f"saved the reward model to {args.output_dir}")
-    common.clean_exit()
+    common.finish(reward_model, tokenizer, args.output_dir, "reward model")
 
 
 if __name__ == "__main__":
