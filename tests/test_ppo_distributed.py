@@ -17,6 +17,8 @@ import common
 from conftest import CPU, ENV, ROOT, free_port
 
 WORKER = os.path.join(ROOT, "tests", "ppo_dist_worker.py")
+sys.path.insert(0, os.path.dirname(WORKER))
+import ppo_dist_worker  # noqa: E402
 
 
 def run(cmd):
@@ -25,7 +27,7 @@ def run(cmd):
 
 
 def test_two_processes_ddp_and_fsdp2_match_one(tiny_llama, tmp_path):
-    run([sys.executable, WORKER, tiny_llama, str(tmp_path / "one")])
+    ppo_dist_worker.main(tiny_llama, str(tmp_path / "one"))  # one process: this one
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
          WORKER, tiny_llama, str(tmp_path / "two")])
     one = torch.load(tmp_path / "one" / "rank0.pt")

@@ -3,6 +3,7 @@ torchrun equivalence, and the command line."""
 
 import dataclasses
 import os
+import runpy
 import subprocess
 import sys
 
@@ -124,8 +125,17 @@ def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
 
 
 def run_worker(nproc: int, model: str, out: str, *mode: str):
+    worker = os.path.join(ROOT, "tests", "ddp_worker.py")
+    if nproc == 1:  # in this process (no torchrun start-up), as `python tests/ddp_worker.py MODEL OUT` would run
+        argv = sys.argv
+        sys.argv = [worker, model, out, *mode]
+        try:
+            runpy.run_path(worker, run_name="__main__")
+        finally:
+            sys.argv = argv
+        return torch.load(out)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={free_port()}",
-           os.path.join(ROOT, "tests", "ddp_worker.py"), model, out, *mode]
+           worker, model, out, *mode]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -178,16 +188,19 @@ def cli(*flags):
                           timeout=120)
 
 
-def test_help_lists_every_flag():
-    result = cli("--help")
-    assert result.returncode == 0
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as done:  # what `python rebel.py --help` prints (the CLI itself: test_smoke.py)
+        tyro.cli(rebel.Args, args=["--help"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
     for field in dataclasses.fields(rebel.Args):
-        assert f"--{field.name.replace('_', '-')}" in result.stdout
+        assert f"--{field.name.replace('_', '-')}" in printed
 
 
-def test_bad_input_gives_one_clear_error_line_before_loading_a_model(tmp_path):
-    result = cli("--no-such-flag")
-    assert result.returncode == 2 and "Unrecognized options: --no-such-flag" in result.stderr
+def test_bad_input_gives_one_clear_error_line_before_loading_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        tyro.cli(rebel.Args, args=["--no-such-flag"])
+    assert done.value.code == 2 and "Unrecognized options: --no-such-flag" in capsys.readouterr().err
     missing = tmp_path / "text.jsonl"
     missing.write_text('{"text": "hello"}\n' * 20)
     empty = tmp_path / "empty.csv"

@@ -2,6 +2,7 @@
 ends bit for bit where the uninterrupted run ends: weights, AdamW state, metrics.jsonl. REBEL, PPO and REFUEL in one
 process, REBEL in two; a resume with other flags stops with one line naming them."""
 
+import importlib
 import os
 import signal
 import subprocess
@@ -38,6 +39,18 @@ def launch(script: str, argv: list[str], nproc: int) -> list[str]:
 def run(cmd: list[str]):
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def run_here(script: str, argv: list[str]):
+    """The script's main() in this process, on one thread as the subprocesses run (ENV: OMP_NUM_THREADS=1), so that
+    its floating-point results are the same bits (and without a subprocess's start-up time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        module = importlib.import_module(script)
+        module.main(tyro.cli(module.Args, args=argv))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def descendants(pid: int) -> list[int]:
@@ -89,21 +102,21 @@ def assert_same_run(a, b, tmp_path):
 def test_killed_after_the_second_iteration_and_resumed(script, tiny_llama, tmp_path):
     data = write_prompts(tmp_path / "p.jsonl")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run(launch(script, flags(script, tiny_llama, data, full), 1))
+    run_here(script, flags(script, tiny_llama, data, full))
     kill_after(launch(script, flags(script, tiny_llama, data, resumed), 1), resumed, 2)
-    run(launch(script, flags(script, tiny_llama, data, resumed) + ["--resume"], 1))
+    run_here(script, flags(script, tiny_llama, data, resumed) + ["--resume"])
     assert_same_run(full, resumed, tmp_path)
 
 
 def test_rebel_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_llama, tmp_path):
     data = write_prompts(tmp_path / "p.jsonl")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run(launch("rebel", flags("rebel", tiny_llama, data, full), 1))
+    run_here("rebel", flags("rebel", tiny_llama, data, full))
     crash = [sys.executable, os.path.join(ROOT, "tests", "crash_worker.py"), "rebel", "3",
              *flags("rebel", tiny_llama, data, resumed)]
     assert subprocess.run(crash, cwd=ROOT, env=ENV, capture_output=True, timeout=300).returncode == -signal.SIGKILL
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3.tmp"]
-    run(launch("rebel", flags("rebel", tiny_llama, data, resumed) + ["--resume"], 1))
+    run_here("rebel", flags("rebel", tiny_llama, data, resumed) + ["--resume"])
     assert_same_run(full, resumed, tmp_path)
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-4"]  # --keep-checkpoints 1
 
