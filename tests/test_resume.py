@@ -26,7 +26,8 @@ def flags(script: str, model: str, data: str, out) -> list[str]:
     if script == "refuel":
         return shared + ["--user-fn", f"{REWARDS}:echo_user", "--reward-fn", f"{REWARDS}:dialogue_length",
                          "--batch-size", "4", "--max-turns", "2", "--num-eval-prompts", "2"]
-    return shared + ["--reward-fn", f"{REWARDS}:fraction_of_digits", "--batch-size", "8", "--num-eval-prompts", "4"]
+    # (one evaluation prompt: on two processes one rank evaluates nothing, which must not stall the other)
+    return shared + ["--reward-fn", f"{REWARDS}:fraction_of_digits", "--batch-size", "8", "--num-eval-prompts", "1"]
 
 
 def launch(script: str, argv: list[str], nproc: int) -> list[str]:
