@@ -18,7 +18,9 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import torch.utils.checkpoint
+import transformers
 from datasets import Dataset, load_dataset
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
@@ -87,9 +90,11 @@ def check_flags(args, world_size: int, positive: tuple = (), batch_split: tuple 
 
 
 # ---- Distributed setup (torchrun) and seeding ------------------------------------------------------------------
-def setup(seed: int) -> tuple[int, int, torch.device]:
+def setup(seed: int, args=None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes in the environment and seed python and torch with seed + rank (ranks
-    sample different responses, runs are repeatable); return (rank, world_size, device).
+    sample different responses, runs are repeatable); return (rank, world_size, device). With a script's `args`, fill
+    in the run's name, --run-name <exp-name>__<seed>__<rank 0's local time, to the ms> (the same on every rank), and
+    --output-dir runs/<run name>, so that runs never overwrite each other.
 
     nccl on GPUs, gloo on CPU. A plain `python script.py` is world size 1 and initialises nothing."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -99,6 +104,14 @@ def setup(seed: int) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args is not None and args.run_name is None:
+        now = time.time()
+        stamp = [time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(stamp, src=0)
+        args.run_name = f"{args.exp_name}__{seed}__{stamp[0]}"
+    if args is not None:
+        args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
     random.seed(seed + rank)
     torch.manual_seed(seed + rank)
     return rank, world_size, device
@@ -289,9 +302,9 @@ def lora_merged(model, state: dict | None = None) -> tuple[dict, torch.nn.Module
     return merged, model.get_base_model()
 
 
-def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
-    """Save the policy as an HF folder that `from_pretrained` loads (rank 0). Files are written to a temporary
-    folder first and moved in, so an interrupted save leaves no half-written model behind."""
+def save_model(model: torch.nn.Module, tokenizer, output_dir: str, card: str | None = None):
+    """Save the policy as an HF folder that `from_pretrained` loads (rank 0), with `card` as its README.md. Files are
+    written to a temporary folder first and moved in, so an interrupted save leaves no half-written model behind."""
     state, model = None, unwrap(model)  # under FSDP2 every rank sends its shards, rank 0 saves the full state dict
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -303,6 +316,9 @@ def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
                 state, model = lora_merged(model, state)
             model.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
+            if card is not None:
+                with open(os.path.join(tmp, "README.md"), "w") as f:
+                    f.write(card)
             for name in os.listdir(tmp):
                 if os.path.isdir(os.path.join(output_dir, name)):
                     shutil.rmtree(os.path.join(output_dir, name))  # an earlier run's adapter/
@@ -311,7 +327,7 @@ def save_model(model: torch.nn.Module, tokenizer, output_dir: str):
         dist.barrier()
 
 # ---- Checkpoints: --save-every, --resume ------------------------------------------------------------------------
-RUN_FLAGS_THAT_MAY_CHANGE = {"output_dir", "resume", "save_every", "keep_checkpoints", "report_to"}
+RUN_FLAGS_THAT_MAY_CHANGE = {"output_dir", "run_name", "resume", "save_every", "keep_checkpoints", "report_to"}
 
 
 def checkpoints(output_dir: str) -> list[str]:
@@ -842,6 +858,13 @@ def make_logger(output_dir: str, report_to: str, config: dict, device, resume_st
     anything is saved (an earlier model and its metrics.jsonl in --output-dir stay as they were). A resumed run keeps
     the lines up to its checkpoint's step `resume_step` (a killed run may have logged past it), and continues."""
     os.makedirs(output_dir, exist_ok=True)
+    if is_main():  # args.json: every flag, and what ran them
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True).stdout.strip() or None
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump({"flags": config, "git_commit": commit, "torch": torch.__version__, "transformers":
+                       transformers.__version__, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                       "device": str(device)}, f, indent=1)
     path = os.path.join(output_dir, "metrics.jsonl")
     started = []  # metrics.jsonl is rewritten at the first log, so a run stopped before it keeps an earlier file
     kept = []  # on resume: the lines up to the checkpoint's step's own line
@@ -857,7 +880,11 @@ def make_logger(output_dir: str, report_to: str, config: dict, device, resume_st
     elif is_main() and report_to == "wandb":
         import wandb
 
-        wandb.init(config=config, dir=output_dir)
+        wandb.init(project=config.get("exp_name"), name=config.get("run_name"), config=config, dir=output_dir)
+    elif is_main() and report_to == "trackio":
+        import trackio
+
+        trackio.init(project=config.get("exp_name"), name=config.get("run_name"), config=config, embed=False)
 
     def log(metrics: dict, step: int):
         from tqdm import tqdm
@@ -880,19 +907,37 @@ def make_logger(output_dir: str, report_to: str, config: dict, device, resume_st
             for key, value in metrics.items():
                 writer.add_scalar(key, value, step)
             writer.flush()
-        elif report_to == "wandb":
-            import wandb
-
-            wandb.log(metrics, step=step)
+        elif report_to in ("wandb", "trackio"):
+            importlib.import_module(report_to).log(metrics, step=step)
 
     return log
 
 
-def finish(model, tokenizer, output_dir: str, what: str = "policy"):
-    """The end of a training run: save the model (`save_model`), say where, and leave the process group."""
-    save_model(model, tokenizer, output_dir)
-    print0(f"saved the {what} to {output_dir}")
+def finish(model, tokenizer, args, evaluation: dict, what: str = "policy"):
+    """The end of a training run: save the model (`save_model`) with a model card (how it was trained, the
+    evaluation before and after), say where, close the tracker, and leave the process group."""
+    save_model(model, tokenizer, args.output_dir, model_card(args, evaluation))
+    print0(f"saved the {what} to {args.output_dir}")
+    if is_main() and args.report_to in ("wandb", "trackio"):
+        importlib.import_module(args.report_to).finish()
     clean_exit()
+
+
+def model_card(args, evaluation: dict) -> str:
+    """README.md of a trained model's folder: the script, base model, data, reward, evaluation and every flag."""
+    reward = getattr(args, "reward_model", None) or getattr(args, "reward_fn", None)
+    rows = {}
+    for when, values in evaluation.items():  # a dict of metrics, or REFUEL's list of per-turn rewards
+        for key, value in (values.items() if isinstance(values, dict) else
+                           ((f"reward at turn {t}", v) for t, v in enumerate(values, 1))):
+            rows.setdefault(key, {})[when] = value
+    table = ["| held-out | " + " | ".join(evaluation) + " |", "|---" * (len(evaluation) + 1) + "|"]
+    table += [f"| {key} | " + " | ".join(f"{v.get(w, float('nan')):.4g}" for w in evaluation) + " |"
+              for key, v in rows.items()]
+    return "\n".join([f"# {args.run_name}", "", f"Trained by `{args.exp_name}.py` (reset- and regression-based RL "
+                      f"for language models) from `{args.model}` on `{args.dataset}`"
+                      + (f", reward: `{reward}`." if reward else "."), "", *table, "", "Every flag of the run:", "",
+                      "```json", json.dumps(vars(args), indent=1), "```", ""])
 
 
 def clean_exit():

@@ -69,9 +69,11 @@ class Args:
     beta: float = 0.2
     """probability that an episode starts at the bare prompt instead of a roll-in of pi_ref (the authors': 0.2-0.4)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    """name of this experiment (default: the script's file name); part of the default --run-name"""
+    run_name: str | None = None
+    """name of the run in every tracker and of its folder (default: <exp-name>__<seed>__<date-time>)"""
     output_dir: str | None = None
-    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
+    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<run-name>)"""
     save_every: int = 0
     """write a checkpoint every this many iterations (0: none): weights, AdamW state, schedule, data position and
     every rank's random states, for --resume"""
@@ -145,8 +147,8 @@ class Args:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of every model (weights stay fp32, the reward model's are loaded in it); auto: bfloat16
     on GPU, float32 on CPU"""
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    """also log metrics to tensorboard or wandb (must be installed)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also log metrics to tensorboard, wandb or trackio (must be installed), under the run name"""
 
 
 def check_args(args: Args, world_size: int):
@@ -355,8 +357,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def main(args: Args):
-    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup(args.seed)
+    rank, world_size, device = common.setup(args.seed, args)  # also the run name and the default --output-dir
     check_args(args, world_size)
     dtype, amp = common.precision(args.dtype, device)
 
@@ -412,7 +413,7 @@ def main(args: Args):
     common.print0(f"after training:  eval score {after['score']:.3f} (eos fraction {after['eos_fraction']:.2f})")
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         args.num_iterations)
-    common.finish(common.unwrap(model).policy, tokenizer, args.output_dir)
+    common.finish(common.unwrap(model).policy, tokenizer, args, {"before": before, "after": after})
 
 
 if __name__ == "__main__":

@@ -83,9 +83,11 @@ class Args:
     num_eval_prompts: int = 32
     """first user turns whose dialogues are evaluated at every turn before and after training"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    """name of this experiment (default: the script's file name); part of the default --run-name"""
+    run_name: str | None = None
+    """name of the run in every tracker and of its folder (default: <exp-name>__<seed>__<date-time>)"""
     output_dir: str | None = None
-    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
+    """where the trained policy (an HF folder) and metrics.jsonl are written (default: runs/<run-name>)"""
     save_every: int = 0
     """write a checkpoint every this many iterations (0: none): weights, AdamW state, schedule, data position and
     every rank's random states, for --resume"""
@@ -151,8 +153,8 @@ class Args:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of every model (the policy's and reference's weights stay fp32; the user's and the reward
     model's are loaded in it); auto: bfloat16 on GPU, float32 on CPU"""
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    """also log metrics to tensorboard or wandb (must be installed)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also log metrics to tensorboard, wandb or trackio (must be installed), under the run name"""
 
 
 def check_args(args: Args, world_size: int):
@@ -419,8 +421,7 @@ def evaluate_turns(policy, tokenizer, user, score, rows: list[dict], args: Args,
 
 
 def main(args: Args):
-    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup(args.seed)
+    rank, world_size, device = common.setup(args.seed, args)  # also the run name and the default --output-dir
     check_args(args, world_size)
     dtype, amp = common.precision(args.dtype, device)
 
@@ -471,7 +472,7 @@ def main(args: Args):
         common.print0(f"{turn:>4}  {old:6.3f}  {new:6.3f}")
     log({f"eval_turn{t}_before": v for t, v in enumerate(before, 1)}
         | {f"eval_turn{t}_after": v for t, v in enumerate(after, 1)}, args.num_iterations)
-    common.finish(policy, tokenizer, args.output_dir)
+    common.finish(policy, tokenizer, args, {"before": before, "after": after})
 
 
 if __name__ == "__main__":

@@ -40,9 +40,11 @@ class Args:
     num_eval_prompts: int = 150
     """number of held-out rows for the eval loss and the eval score"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (default: the script's file name); the default --output-dir is runs/<exp-name>"""
+    """name of this experiment (default: the script's file name); part of the default --run-name"""
+    run_name: str | None = None
+    """name of the run in every tracker and of its folder (default: <exp-name>__<seed>__<date-time>)"""
     output_dir: str | None = None
-    """where the fine-tuned model (an HF folder) and metrics.jsonl are written (default: runs/<exp-name>)"""
+    """where the fine-tuned model (an HF folder) and metrics.jsonl are written (default: runs/<run-name>)"""
     save_every: int = 0
     """write a checkpoint every this many optimizer steps (0: none): weights, AdamW state, schedule, data position
     and every rank's random states, for --resume"""
@@ -93,8 +95,8 @@ class Args:
     """names of the modules to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32"""
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    """also log metrics to tensorboard or wandb (must be installed)"""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """also log metrics to tensorboard, wandb or trackio (must be installed), under the run name"""
 
 
 def check_args(args: Args, world_size: int):
@@ -145,8 +147,7 @@ def eval_loss(model, rows, tokenizer, args: Args, amp) -> float:
 
 
 def main(args: Args):
-    args.output_dir = args.output_dir or f"runs/{args.exp_name}"
-    rank, world_size, device = common.setup(args.seed)
+    rank, world_size, device = common.setup(args.seed, args)  # also the run name and the default --output-dir
     check_args(args, world_size)
     dtype, amp = common.precision(args.dtype, device)
 
@@ -204,7 +205,7 @@ def main(args: Args):
     common.print0("after training:  eval " + "  ".join(f"{k} {v:.4g}" for k, v in after.items()))
     log({f"eval_{k}_before": v for k, v in before.items()} | {f"eval_{k}_after": v for k, v in after.items()},
         num_steps)
-    common.finish(model, tokenizer, args.output_dir, "model")
+    common.finish(model, tokenizer, args, {"before": before, "after": after}, "model")
 
 
 if __name__ == "__main__":

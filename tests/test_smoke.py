@@ -97,9 +97,9 @@ def test_evaluate_script_runs_and_lists_every_policy(tiny_llama, tiny_gpt2, tmp_
 
 @pytest.mark.parametrize("module", list(TRAINING), ids=name)
 def test_default_experiment_name_is_the_script_name(module):
-    assert module.Args().exp_name == name(module)  # the default --output-dir is runs/<exp-name>
+    assert module.Args().exp_name == name(module)  # the default --run-name starts with it
 
 
 def test_help_names_the_experiment_flag():
     result = run_script("rebel.py", "--help")
-    assert "--exp-name" in result.stdout and "runs/<exp-name>" in result.stdout
+    assert "--exp-name" in result.stdout and "runs/<run-name>" in result.stdout and "--run-name" in result.stdout
