@@ -343,7 +343,8 @@ def check_resume(args):
     differ from the checkpoint's in anything but where it writes and how often it saves."""
     found = checkpoints(args.output_dir)
     if not found:
-        fail(f"--resume: no checkpoint-<step> folder in --output-dir {args.output_dir}")
+        fail(f"--resume: no checkpoint-<step> folder in --output-dir {args.output_dir} (give the run's --output-dir "
+             f"or --run-name)")
     with open(os.path.join(found[-1], "args.json")) as f:
         saved = json.load(f)
     now = json.loads(json.dumps(vars(args)))
