@@ -188,8 +188,8 @@ def gathered(model: torch.nn.Module):
     """Under FSDP2, hold the whole model on every rank for the block (one all-gather each, on entry) instead of
     gathering every block at every forward: sampling then makes no collective calls at all, so ranks may call
     `generate` different numbers of times (uneven evaluation shards, PPO++'s roll-ins, REFUEL's dialogues).
-    Costs one unsharded copy of the model in its compute dtype. A no-op without FSDP2, and when nested."""
-    parts = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
+    Costs one unsharded copy of the model in its compute dtype. A no-op without FSDP2, when nested, and for None."""
+    parts = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)] if model is not None else []
     if not parts or getattr(parts[0], "_held_whole", False):
         yield
         return
@@ -197,12 +197,13 @@ def gathered(model: torch.nn.Module):
         part.set_reshard_after_forward(False, recurse=False)
         part.unshard()
         part._held_whole = True
+    inner = {id(m) for part in parts for m in list(part.modules())[1:]}
     try:
         yield
     finally:
-        for part in parts:
+        for part in parts:  # back to FSDP2's defaults: blocks reshard after forward, roots keep theirs for backward
             part.reshard()
-            part.set_reshard_after_forward(True, recurse=False)
+            part.set_reshard_after_forward(id(part) in inner, recurse=False)
             part._held_whole = False
 
 

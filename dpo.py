@@ -89,6 +89,12 @@ class Args:
     """log training metrics every this many optimizer steps"""
     micro_batch_size: int = 32
     """sequences per forward pass when evaluating"""
+    fsdp: bool = False
+    """shard the model(s) over the processes with FSDP2 (for models whose weights, gradients and AdamW state, 16 bytes
+    per trained parameter, do not fit one GPU); without it several processes use DDP (a full copy each, faster)"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass instead of storing them (less memory,
+    about a third more compute)"""
     lora_r: int = 0
     """LoRA rank, through peft (0: train every weight); with LoRA, pi_ref is the policy with its adapter switched off"""
     lora_alpha: float | None = None
@@ -187,9 +193,9 @@ def main(args: Args):
 
     policy = common.load_model(args.model, device, lora=args)  # fp32 master weights; autocast runs it in `dtype`
     reference = None  # with LoRA, pi_ref is the policy with its adapter switched off (common.as_reference)
-    if not args.lora_r:
-        reference = common.load_model(args.model, device).requires_grad_(False)  # as the policy: KL 0 at step 0
-    policy = common.wrap(policy, device, dtype)
+    if not args.lora_r:  # loaded as the policy: KL 0 at step 0
+        reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
+    policy = common.wrap(policy, device, dtype, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
@@ -203,7 +209,7 @@ def main(args: Args):
         """Held-out DPO loss and implicit-reward accuracy; the eval score of greedy responses."""
         totals, n, model, mine = torch.zeros(len(STAT_NAMES), device=device), 0, common.unwrap(policy), \
             common.shard(eval_rows)
-        with amp():
+        with amp(), common.gathered(policy), common.gathered(reference):  # (FSDP2: ranks' shares differ)
             pairs = max(1, args.micro_batch_size // 2)  # two sequences per pair
             for i in range(0, len(mine), pairs):
                 rows = [mine[j] for j in range(i, min(i + pairs, len(mine)))]

@@ -83,6 +83,12 @@ class Args:
     """log the training loss every this many optimizer steps"""
     micro_batch_size: int = 32
     """texts per forward pass when scoring without gradient"""
+    fsdp: bool = False
+    """shard the model(s) over the processes with FSDP2 (for models whose weights, gradients and AdamW state, 16 bytes
+    per trained parameter, do not fit one GPU); without it several processes use DDP (a full copy each, faster)"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass instead of storing them (less memory,
+    about a third more compute)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision (auto: bfloat16 on GPU, float32 on CPU); the weights stay float32"""
     report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
@@ -130,11 +136,12 @@ class LastTokenScore(torch.nn.Module):
 @torch.no_grad()
 def accuracy(model, tokenizer, rows, micro_batch: int, device) -> dict:
     """Held-out pairwise accuracy (ties count half) and mean margin, scored by common.reward_model_scores."""
-    if len(rows) == 0:  # more processes than held-out pairs
-        chosen = rejected = torch.zeros(0, device=device)
-    else:
-        chosen = common.reward_model_scores(model, tokenizer, rows["chosen"], micro_batch)
-        rejected = common.reward_model_scores(model, tokenizer, rows["rejected"], micro_batch)
+    with common.gathered(model):  # on every rank, even one with no rows (FSDP2 gathers the model here)
+        if len(rows) == 0:  # more processes than held-out pairs
+            chosen = rejected = torch.zeros(0, device=device)
+        else:
+            chosen = common.reward_model_scores(model, tokenizer, rows["chosen"], micro_batch)
+            rejected = common.reward_model_scores(model, tokenizer, rows["rejected"], micro_batch)
     total = torch.stack([((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum(),
                          (chosen - rejected).sum(), chosen.sum(), torch.tensor(float(len(rows)), device=device)])
     total = common.all_reduce(total)
@@ -156,7 +163,7 @@ def main(args: Args):
     eval_rows = common.shard(preference_texts(eval_rows, tokenizer))
 
     reward_model = common.load_model(args.model, device, cls=AutoModelForSequenceClassification, num_labels=1)
-    model = common.wrap(LastTokenScore(reward_model), device, dtype)
+    model = common.wrap(LastTokenScore(reward_model), device, dtype, args.fsdp, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)

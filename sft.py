@@ -84,6 +84,12 @@ class Args:
     """log the training loss every this many optimizer steps"""
     micro_batch_size: int = 32
     """sequences per forward pass when evaluating"""
+    fsdp: bool = False
+    """shard the model(s) over the processes with FSDP2 (for models whose weights, gradients and AdamW state, 16 bytes
+    per trained parameter, do not fit one GPU); without it several processes use DDP (a full copy each, faster)"""
+    gradient_checkpointing: bool = False
+    """recompute each transformer block's activations in the backward pass instead of storing them (less memory,
+    about a third more compute)"""
     lora_r: int = 0
     """LoRA rank, through peft (0: train every weight); with LoRA, pi_ref is the policy with its adapter switched off"""
     lora_alpha: float | None = None
@@ -161,7 +167,8 @@ def main(args: Args):
     if args.reward_model is not None or args.reward_fn is not None:
         score = common.make_scorer(args.reward_model, args.reward_fn, device, dtype)
 
-    model = common.wrap(common.load_model(args.model, device, lora=args), device, dtype)
+    model = common.wrap(common.load_model(args.model, device, lora=args), device, dtype, args.fsdp,
+                        args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
@@ -171,7 +178,8 @@ def main(args: Args):
     log = common.make_logger(args.output_dir, args.report_to, vars(args), device, start)
 
     def eval_metrics() -> dict:
-        metrics = {"loss": eval_loss(common.unwrap(model), common.shard(eval_rows), tokenizer, args, amp)}
+        with common.gathered(model):  # under FSDP2: whole, as the ranks' shares of rows differ
+            metrics = {"loss": eval_loss(common.unwrap(model), common.shard(eval_rows), tokenizer, args, amp)}
         if score is not None:
             with amp():
                 metrics |= common.score_held_out(model, tokenizer, eval_rows, score, args.max_new_tokens,

@@ -322,16 +322,22 @@ def test_warmup_ratio_must_be_below_one(module):
 # 10. fewer evaluation rows than processes: a rank with no evaluation rows still takes part (the old code's
 #     common.shard raised IndexError on it)
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script", ["sft.py", "dpo.py"])  # rebel.py: test_resume.py's two-process runs
-def test_one_eval_row_on_two_processes(script, tiny_llama, tmp_path):
+@pytest.mark.parametrize("script,sharding", [("sft.py", []), ("sft.py", ["--fsdp"]),
+                                             ("dpo.py", ["--fsdp", "--gradient-checkpointing"]),
+                                             ("reward.py", ["--fsdp", "--gradient-checkpointing"])])
+def test_one_eval_row_on_two_processes(script, sharding, tiny_llama, tmp_path):
+    """One rank evaluates nothing: under DDP it must still take part; under FSDP2 the other rank's forwards are
+    collectives, so the empty rank must gather the model too (rebel.py: test_resume.py's two-process runs)."""
     out = tmp_path / "out"
-    if script == "dpo.py":
+    if script in ("dpo.py", "reward.py"):
         data, flags = write_pairs(tmp_path / "pairs.jsonl", 20), ["--num-eval-pairs", "1"]
     else:
         data, flags = write_prompts(tmp_path / "p.jsonl", 20), ["--num-eval-prompts", "1"]
+    if script != "reward.py":
+        flags += ["--reward-fn", FRACTION_OF_A, "--max-new-tokens", "4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
-           script, "--model", tiny_llama, "--dataset", data, "--reward-fn", FRACTION_OF_A, "--batch-size", "2",
-           "--max-new-tokens", "4", "--output-dir", str(out), *flags]
+           script, "--model", tiny_llama, "--dataset", data, "--batch-size", "2", "--output-dir", str(out), *flags,
+           *sharding]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
