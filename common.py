@@ -9,8 +9,10 @@ Notation: a *query* is a left-padded batch of prompt tokens; a *response* is a r
 of fixed width `max_new_tokens`, cut after the first EOS (padding after it).
 """
 
+import atexit
 import contextlib
 import functools
+import gc
 import importlib
 import json
 import math
@@ -943,8 +945,12 @@ def model_card(args, evaluation: dict) -> str:
 
 
 def clean_exit():
-    """Leave the process group (end of a torchrun job), once every rank is done with its collectives: a rank that
-    tears gloo down while another is still working can abort ("terminate called without an active exception")."""
+    """Leave the process group (end of a torchrun job) once every rank is done with its collectives (a rank that
+    tears gloo down while another is still working can abort: "terminate called without an active exception").
+
+    The group is destroyed when the interpreter exits, after main() has returned and its models are collected: a
+    DistributedDataParallel wrapper's reducer holds the group, and releasing it after destroy_process_group can
+    deadlock in ProcessGroupGloo's destructor (seen: a rank that never exits, stuck there)."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        atexit.register(lambda: (gc.collect(), dist.destroy_process_group()))
