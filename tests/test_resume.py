@@ -1,6 +1,6 @@
 """--save-every / --resume: a run killed part-way (SIGKILL, also in the middle of writing a checkpoint) and resumed
 ends bit for bit where the uninterrupted run ends: weights, AdamW state, metrics.jsonl. REBEL, PPO and REFUEL in one
-process, REBEL in two; a resume with other flags stops with one line naming them."""
+process and in two; a resume with other flags stops with one line naming them."""
 
 import importlib
 import os
@@ -122,13 +122,20 @@ def test_rebel_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(t
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-4"]  # --keep-checkpoints 1
 
 
-def test_rebel_on_two_processes_killed_and_resumed(tiny_llama, tmp_path):
+@pytest.mark.parametrize("script", ["rebel", "ppo", "refuel"])
+def test_two_processes_killed_and_resumed(script, tiny_llama, tmp_path):
     data = write_prompts(tmp_path / "p.jsonl")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run(launch("rebel", flags("rebel", tiny_llama, data, full), 2))
-    kill_after(launch("rebel", flags("rebel", tiny_llama, data, resumed), 2), resumed, 2)
-    run(launch("rebel", flags("rebel", tiny_llama, data, resumed) + ["--resume"], 2))
+    run(launch(script, flags(script, tiny_llama, data, full), 2))
+    kill_after(launch(script, flags(script, tiny_llama, data, resumed), 2), resumed, 2)
+    run(launch(script, flags(script, tiny_llama, data, resumed) + ["--resume"], 2))
     assert_same_run(full, resumed, tmp_path)
+
+
+def test_a_resume_with_other_flags_stops_naming_them(tiny_llama, tmp_path):
+    data = write_prompts(tmp_path / "p.jsonl")
+    resumed = tmp_path / "resumed"
+    kill_after(launch("rebel", flags("rebel", tiny_llama, data, resumed), 1), resumed, 1)
     # A resume with flags that change the run stops before loading anything, naming them.
     args = tyro.cli(rebel.Args, args=flags("rebel", tiny_llama, data, resumed) + ["--resume", "--batch-size", "16"])
     with pytest.raises(SystemExit) as error:
