@@ -4,6 +4,7 @@
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -72,7 +73,12 @@ def test_wandb_offline_holds_the_metrics(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
     args = tiny_run(tiny_llama, write_prompts(tmp_path / "p.jsonl"), report_to="wandb")
-    log = next((tmp_path / args.output_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    path = next((tmp_path / args.output_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    for _ in range(300):  # wandb's service process may still be writing the log after wandb.finish() returns
+        log = path.read_bytes()
+        if args.run_name.encode() in log and b"eval_score_after" in log:
+            break
+        time.sleep(0.1)
     assert args.run_name.encode() in log
     for row in read_jsonl(os.path.join(args.output_dir, "metrics.jsonl")):  # each value as wandb's JSON text
         for key, value in row.items():
