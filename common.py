@@ -349,7 +349,7 @@ def check_resume(args):
         fail(f"--resume: no checkpoint-<step> folder in --output-dir {args.output_dir} (give the run's --output-dir "
              f"or --run-name)")
     with open(os.path.join(found[-1], "args.json")) as f:
-        saved = json.load(f)
+        saved = json.load(f)["flags"]
     now = json.loads(json.dumps(vars(args)))
     changed = [f"--{k.replace('_', '-')} {now.get(k)} (the checkpoint's: {saved.get(k)})" for k in sorted(saved)
                if k not in RUN_FLAGS_THAT_MAY_CHANGE and saved.get(k) != now.get(k)]
@@ -379,8 +379,8 @@ def save_checkpoint(args, step: int, model, optimizer, scheduler, extra: dict):
     torch.save(_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
     if is_main():
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "extra": extra}, os.path.join(tmp, "state.pt"))
-        with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        with open(os.path.join(tmp, "args.json"), "w") as f:  # the run folder's args.json layout (make_logger)
+            json.dump({"flags": vars(args)}, f, indent=1)
     if dist.is_initialized():
         dist.barrier()
     if is_main():
