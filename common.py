@@ -43,6 +43,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default --model; works offline through embedded.py
 ARITHMETIC = "arithmetic"  # name of the embedded dataset, generated in code by embedded.py
 ARITHMETIC_PREFERENCES = "arithmetic-preferences"  # the same questions as chosen (right) / rejected (wrong) pairs
+GENERATION_BACKEND = "auto"  # how `generate` samples unless told otherwise; `setup` sets it from --generation-backend
+STATIC_BUCKET = 64  # the static backend left-pads prompts to a multiple of this, so its compiled shapes recur
 LOGPROB_CHUNK = 2 ** 24  # logits per chunk of the log-softmax in `logprobs`: 64 MB in float32
 
 
@@ -114,6 +116,8 @@ def setup(seed: int, args=None) -> tuple[int, int, torch.device]:
         args.run_name = f"{args.exp_name}__{seed}__{stamp[0]}"
     if args is not None:
         args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    global GENERATION_BACKEND
+    GENERATION_BACKEND = getattr(args, "generation_backend", GENERATION_BACKEND)
     random.seed(seed + rank)
     torch.manual_seed(seed + rank)
     return rank, world_size, device
@@ -611,18 +615,33 @@ def has_eos(responses: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.T
 
 @torch.no_grad()
 def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float, batch_size: int | None = None) -> torch.Tensor:
+             temperature: float, batch_size: int | None = None, backend: str | None = None) -> torch.Tensor:
     """Sample responses [B, max_new_tokens] from softmax(logits / T) exactly (top_k=0, top_p=1), cut after the
     first EOS, in calls of `batch_size` sequences (--generation-batch-size: bounds the KV cache; None: all at
     once). temperature 0 decodes greedily. Under FSDP2 the model is held whole meanwhile (`gathered`).
 
     transformers fills every field we leave unset from the model's own `generation_config` (a checkpoint's
     repetition_penalty, min_p, suppress_tokens, min_new_tokens, ...), and then samples would not come from the
-    distribution every log-prob assumes. So the model's config is swapped for a blank one during the call."""
+    distribution every log-prob assumes. So the model's config is swapped for a blank one during the call.
+
+    backend (--generation-backend; None: the process's, GENERATION_BACKEND): "dynamic" is plain `generate`, whose
+    KV cache grows by a copy at every step. "static" preallocates the cache for prompt + max_new_tokens and, on a
+    GPU, transformers compiles the one-token decoding step and replays it as a CUDA graph (the first call per shape
+    compiles, ~1 min): the same forward and the same sampler, so the same distribution. Its prompts are left-padded
+    to a multiple of STATIC_BUCKET tokens (masked, positions from the mask: nothing changes but the shape), so
+    iterations reuse the compiled shapes. "auto": static on a GPU (not under FSDP2), dynamic otherwise."""
+    backend = backend or GENERATION_BACKEND
+    if backend == "auto":
+        sharded = any(isinstance(m, FSDPModule) for m in unwrap(model).modules())
+        backend = "static" if query.is_cuda and not sharded else "dynamic"
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **sampling)
+    if backend == "static":
+        config.cache_implementation = "static"
+        extra = -query.shape[1] % STATIC_BUCKET
+        query, query_mask = F.pad(query, (extra, 0), value=tokenizer.pad_token_id), F.pad(query_mask, (extra, 0))
     model, responses = unwrap(model), [query.new_full((0, max_new_tokens), tokenizer.pad_token_id)]
     saved, training, model.generation_config = model.generation_config, model.training, GenerationConfig()
     try:

@@ -104,6 +104,10 @@ class Args:
     log-ratios"""
     lora_target_modules: list[str] | None = None
     """names of the modules to adapt, e.g. q_proj v_proj (default: every linear layer but the output head)"""
+    generation_backend: Literal["auto", "dynamic", "static"] = "auto"
+    """how to sample: "dynamic" is plain `generate`; "static" preallocates the KV cache and, on a GPU, runs a compiled
+    decoding step as a CUDA graph (same distribution, faster; compiles once per shape); "auto": static on a GPU
+    unless --fsdp, dynamic on CPU (where static gains nothing)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision of policy and reference (both keep fp32 weights, so KL is 0 at step 0; a reward model is
     loaded in it); auto: bfloat16 on GPU, float32 on CPU"""

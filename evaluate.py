@@ -81,6 +81,10 @@ class Args:
     """prompts are left-truncated to this many tokens"""
     micro_batch_size: int = 32
     """sequences per forward pass"""
+    generation_backend: Literal["auto", "dynamic", "static"] = "auto"
+    """how to sample: "dynamic" is plain `generate`; "static" preallocates the KV cache and, on a GPU, runs a compiled
+    decoding step as a CUDA graph (same distribution, faster; compiles once per shape); "auto": static on a GPU,
+    dynamic on CPU (where static gains nothing)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """autocast precision (policies and reference keep fp32 weights, as in training, so the same model has KL 0; the
     judge and reward model are loaded in it); auto: bfloat16 on GPU, float32 on CPU"""
@@ -202,6 +206,7 @@ def plot(results: list[dict], path: str) -> bool:
 
 def main(args: Args):
     _, world_size, device = common.setup(args.seed)
+    common.GENERATION_BACKEND = args.generation_backend
     check_args(args, world_size)
     dtype, amp = common.precision(args.dtype, device)
     judging = args.judge_model is not None or args.judge_fn is not None

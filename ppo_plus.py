@@ -135,6 +135,10 @@ class Args:
     about a third more compute in the update; sampling is unaffected)"""
     generation_batch_size: int | None = None
     """sequences per generate call, which bounds the KV cache's memory (None: this process's whole batch at once)"""
+    generation_backend: Literal["auto", "dynamic", "static"] = "auto"
+    """how to sample: "dynamic" is plain `generate`; "static" preallocates the KV cache and, on a GPU, runs a compiled
+    decoding step as a CUDA graph (same distribution, faster; compiles once per shape); "auto": static on a GPU
+    unless --fsdp, dynamic on CPU (where static gains nothing)"""
     lora_r: int = 0
     """LoRA rank, through peft (0: train every weight); with LoRA, pi_ref is the policy with its adapter switched off"""
     lora_alpha: float | None = None

@@ -20,6 +20,7 @@ Card figures (peak bf16 dense FLOP/s, memory bandwidth) come from PEAKS by the d
 """
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -158,14 +159,19 @@ def main():
     parser.add_argument("--micro-batch-size", type=int, default=16, help="sequences per no-grad forward")
     parser.add_argument("--generation-batch-size", type=int, default=None, help="sequences per generate call")
     parser.add_argument("--grad-accum-steps", type=int, default=8, help="micro-batches per optimizer step")
+    parser.add_argument("--generation-backend", default="dynamic", choices=["auto", "dynamic", "static"],
+                        help="how to sample (dynamic by default: static compiles once per model and shape, ~1 min "
+                        "each; bench/sampling_speed.py compares the two)")
     a = parser.parse_args()
+    common.GENERATION_BACKEND = a.generation_backend
     device = torch.device("cuda") if torch.cuda.is_available() and not a.tiny else torch.device("cpu")
     a.card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     plan = [("tiny", "rebel", "full"), ("tiny", "ppo", "full")] if a.tiny else PLAN
     if a.tiny:
         a.batch_size, a.prompt_length, a.max_new_tokens, a.micro_batch_size, a.grad_accum_steps = 4, 16, 8, 4, 2
     print(f"card: {a.card}; torch {torch.__version__}; batch {a.batch_size} prompts x {a.prompt_length} tokens, "
-          f"{a.max_new_tokens} new tokens; bf16 autocast over fp32 weights; gradient checkpointing")
+          f"{a.max_new_tokens} new tokens; bf16 autocast over fp32 weights; gradient checkpointing; "
+          f"{a.generation_backend} sampling")
     print("| model | algorithm | params | rollout s | update s | peak GiB | gen tokens/s | bandwidth bound | "
           "of bound | update MFU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -176,7 +182,13 @@ def main():
             print(f"| {name} | {algorithm} | | {what} | | | | | | |")
             continue
         torch.manual_seed(0)
-        r = run(name, algorithm, what, a, device)
+        try:
+            r = run(name, algorithm, what, a, device)
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # say so, and go on with the next row
+            print(f"| {name} | {algorithm} | | failed: {str(e).splitlines()[0][:100]} | | | | | | |", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            continue
         print(f"| {name} | {algorithm} | {r['params'] / 1e9:.2f}B | {r['rollout_s']:.1f} | {r['update_s']:.1f} | "
               f"{r['peak_gib']:.1f} | {r['tokens_per_s']:.0f} | {r['bound_tokens_per_s']:.0f} | "
               f"{r['tokens_per_s'] / r['bound_tokens_per_s']:.2f} | {r['mfu']:.3f} |", flush=True)
