@@ -11,6 +11,7 @@ of fixed width `max_new_tokens`, cut after the first EOS (padding after it).
 
 import atexit
 import contextlib
+import copy
 import functools
 import gc
 import importlib
@@ -24,6 +25,7 @@ import subprocess
 import tempfile
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 import torch
@@ -629,7 +631,9 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
     GPU, transformers compiles the one-token decoding step and replays it as a CUDA graph (the first call per shape
     compiles, ~1 min): the same forward and the same sampler, so the same distribution. Its prompts are left-padded
     to a multiple of STATIC_BUCKET tokens (masked, positions from the mask: nothing changes but the shape), so
-    iterations reuse the compiled shapes. "auto": static on a GPU (not under FSDP2), dynamic otherwise."""
+    iterations reuse the compiled shapes. Under autocast over fp32 weights (the scripts' bf16 on a GPU) it samples
+    from a bf16 copy of the weights (`sampling_copy`), as an inference engine would: the same model at the precision
+    autocast computes in. "auto": static on a GPU (not under FSDP2), dynamic otherwise."""
     backend = backend or GENERATION_BACKEND
     if backend == "auto":
         sharded = any(isinstance(m, FSDPModule) for m in unwrap(model).modules())
@@ -638,15 +642,19 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
         dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **sampling)
+    model, responses = unwrap(model), [query.new_full((0, max_new_tokens), tokenizer.pad_token_id)]
+    precision = contextlib.nullcontext()
     if backend == "static":
         config.cache_implementation = "static"
         extra = -query.shape[1] % STATIC_BUCKET
         query, query_mask = F.pad(query, (extra, 0), value=tokenizer.pad_token_id), F.pad(query_mask, (extra, 0))
-    model, responses = unwrap(model), [query.new_full((0, max_new_tokens), tokenizer.pad_token_id)]
+        kind = query.device.type
+        if torch.is_autocast_enabled(kind) and next(model.parameters()).dtype != torch.get_autocast_dtype(kind):
+            model, precision = sampling_copy(model, torch.get_autocast_dtype(kind)), torch.autocast(kind, enabled=False)
     saved, training, model.generation_config = model.generation_config, model.training, GenerationConfig()
     try:
         model.eval()  # gradient checkpointing (train mode only) would drop the KV cache
-        with gathered(model):
+        with gathered(model), precision:
             for i in range(0, len(query), batch_size or max(len(query), 1)):
                 out = model.generate(input_ids=query[i:i + (batch_size or len(query))], generation_config=config,
                                      attention_mask=query_mask[i:i + (batch_size or len(query))], synced_gpus=False)
@@ -656,6 +664,26 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
         model.generation_config = saved
         model.train(training)
     return cut_after_eos(torch.cat(responses), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+_SAMPLING_COPIES = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def sampling_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with its parameters in `dtype` (buffers as they are), for the static backend under autocast: there
+    fp32 weights give fp32 keys (rotary embeddings run in fp32) but bf16 values, which a static cache of one dtype
+    cannot hold, and every decoding step would read 4-byte weights and cast them again. Made once per model
+    (+2 bytes a parameter, no fp32 copy on the way) and refreshed in place at every call, so the parameters keep
+    their addresses and the compiled CUDA graph stays valid while the policy trains."""
+    shadow = _SAMPLING_COPIES.get(model)
+    if shadow is None:
+        memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+        shadow = _SAMPLING_COPIES[model] = copy.deepcopy(model, memo)
+    else:
+        for copied, p in zip(shadow.parameters(), model.parameters()):
+            copied.copy_(p)
+    return shadow
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

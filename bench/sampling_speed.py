@@ -13,10 +13,11 @@ iteration on. tokens/s = batch x new tokens / seconds. The bound: each decoding 
 (2 bytes a parameter; fp32 weights under autocast read more) and the KV cache at its average length, so
 tokens/s <= batch x bandwidth / those bytes (bandwidth from gpu_check.PEAKS by the card's name).
 
-Same distribution: with one seed, the share of sequences the two backends sample identically (float rounding differs
-between a compiled and an eager step, so a rare token may flip and the sequence goes its own way after it), and the
-scorer's (common.logprobs) mean per-token log-prob of each backend's samples with its standard error: samples from
-one distribution give the same mean within a few standard errors.
+Same distribution: with one seed, the share of sequences the two backends sample identically (under autocast the
+static backend samples from a bf16 copy of the weights, and a compiled step rounds differently from an eager one, so
+a token may flip and the sequence goes its own way after it), and the scorer's (common.logprobs, as the training
+scripts compute it) mean per-token log-prob of each backend's samples with its standard error: samples from one
+distribution give the same mean within a few standard errors.
 """
 
 import argparse

@@ -99,3 +99,31 @@ def test_static_generation_backend_samples_the_same_tokens(tiny_llama, tiny_gpt2
         assert len(set(map(tuple, out["dynamic"].tolist()))) == len(query)  # sampled, distinct: not a trivial match
         greedy = common.generate(model, tokenizer, query, query_mask, 12, 0.0, batch_size=2, backend="static")
         assert torch.equal(greedy, common.generate(model, tokenizer, query, query_mask, 12, 0.0, backend="dynamic"))
+
+
+def test_static_backend_under_autocast_samples_from_a_refreshed_bf16_copy(tiny_llama):
+    """Under bf16 autocast over fp32 weights the static backend samples from a bf16 copy of the weights (keys would
+    be fp32 and values bf16 otherwise, which one static cache cannot hold): the copy is made once, follows every
+    update of the policy in place (same tensors, new values), is not part of the policy (no new parameters or
+    state-dict keys), and its greedy answers are those of the policy cast to bf16."""
+    model, tokenizer = common.load_model(tiny_llama, CPU), common.load_tokenizer(tiny_llama)
+    query, query_mask, _, _ = batch(tokenizer)
+    keys = set(model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        common.generate(model, tokenizer, query, query_mask, 6, 1.0, backend="static")
+    shadow = common.sampling_copy(model, torch.bfloat16)
+    assert set(model.state_dict()) == keys and all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in shadow.parameters())
+    first = [p.data_ptr() for p in shadow.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        greedy = common.generate(model, tokenizer, query, query_mask, 6, 0.0, backend="static")
+    assert [p.data_ptr() for p in shadow.parameters()] == first
+    for s, p in zip(shadow.parameters(), model.parameters()):
+        assert torch.equal(s, p.detach().to(torch.bfloat16))
+    cast = common.load_model(tiny_llama, CPU)
+    cast.load_state_dict(model.state_dict())
+    cast.to(torch.bfloat16)
+    assert torch.equal(greedy, common.generate(cast, tokenizer, query, query_mask, 6, 0.0, backend="dynamic"))
