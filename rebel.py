@@ -14,7 +14,9 @@ least-squares regression of the *relative* log-ratio onto the *relative* reward,
 
 We minimise it multiplied through by eta^2 (as the authors' code does); see `rebel_loss`. No value model, no
 clipping, no advantage estimation: two samples per prompt and a squared error. Here y and y' both come from pi_t by
-default; `--mu` takes y' from pi_ref or from the dataset's reference response instead (the paper's general form).
+default; `--mu` takes y' from pi_ref or from the dataset's reference response instead (the paper's general form), or
+`--mu best-of-n` samples N responses from pi_t and pairs each prompt's best with its worst (the authors'
+UltraFeedback setting, N = 5), dropping a prompt whose best and worst are the same tokens.
 The KL to pi_ref enters through the reward, r = score - kl_coef * sum_tokens (ln pi_t - ln pi_ref).
 
 Per iteration: sample pairs -> score them -> K passes of regression over the pairs in minibatches.
@@ -88,8 +90,11 @@ class Args:
     """eta: the reward scale of the regression target (1/eta weighs the KL to pi_t)"""
     kl_coef: float = 0.05
     """coefficient of the KL-to-reference penalty subtracted from each response's reward"""
-    mu: Literal["policy", "reference", "dataset"] = "policy"
-    """where y' comes from: pi_t (default), pi_ref, or the dataset's reference response"""
+    mu: Literal["policy", "reference", "dataset", "best-of-n"] = "policy"
+    """where y' comes from: pi_t (default), pi_ref, or the dataset's reference response; best-of-n: y and y' are the
+    best and the worst (by KL-regularised reward) of --num-samples responses from pi_t"""
+    num_samples: int = 5
+    """N, the responses sampled per prompt with --mu best-of-n (at least 2); authors' UltraFeedback runs: 5"""
     temperature: float = 0.7
     """sampling temperature for training (log-probs use the same temperature)"""
     eval_temperature: float = 0.0
@@ -135,28 +140,38 @@ def check_args(args: Args, world_size: int):
     common.check_flags(args, world_size, batch_split=("num_minibatches", "grad_accum_steps"),
                        positive=("num_iterations", "num_passes", "num_minibatches", "grad_accum_steps", "temperature",
                                  "eta", "max_new_tokens", "micro_batch_size", "num_eval_prompts", "max_prompt_length"))
+    if args.num_samples < 2:
+        common.fail(f"--num-samples must be at least 2 (a best and a worst response), got {args.num_samples}")
 
 
 def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
-               reward: torch.Tensor, reward_pair: torch.Tensor, eta: float) -> torch.Tensor:
+               reward: torch.Tensor, reward_pair: torch.Tensor, eta: float, keep: torch.Tensor | None = None,
+               num_kept: torch.Tensor | None = None) -> torch.Tensor:
     """The REBEL regression (times eta^2), mean over pairs; log-probs are sequence sums:
 
         ( [ln pi_theta(y) - ln pi_t(y)] - [ln pi_theta(y') - ln pi_t(y')] - eta * [r(y) - r(y')] )^2
-    """
-    return (((logp - logp_old) - (logp_pair - logp_pair_old) - eta * (reward - reward_pair)) ** 2).mean()
+
+    With `keep` (1: kept, 0: dropped): the sum over the kept pairs divided by num_kept (default: their count)."""
+    squares = ((logp - logp_old) - (logp_pair - logp_pair_old) - eta * (reward - reward_pair)) ** 2
+    if keep is None:
+        return squares.mean()
+    return (keep * squares).sum() / (keep.sum() if num_kept is None else num_kept).clamp(min=1)
 
 
 @torch.no_grad()
 def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, amp) -> dict:
-    """Two responses per prompt, their pi_t and pi_ref log-probs, and their KL-regularised rewards.
+    """Two responses per prompt (--mu best-of-n: N, sample j of prompt i in row j*b + i), their pi_t and pi_ref
+    log-probs, and their KL-regularised rewards; best-of-n then keeps each prompt's best and worst.
 
-    Returns tensors with the y half first and the y' half second (2b rows)."""
+    Returns tensors with the y half first and the y' half second (2b rows); keep (b rows) is 0 for a dropped pair;
+    sample_score is the mean score of every sampled response."""
     device = next(policy.parameters()).device
+    n = args.num_samples if args.mu == "best-of-n" else 2
     query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
-    query, query_mask = query.repeat(2, 1), query_mask.repeat(2, 1)
+    query, query_mask = query.repeat(n, 1), query_mask.repeat(n, 1)
     b = len(rows)
     with amp():
-        if args.mu == "policy":
+        if args.mu in ("policy", "best-of-n"):
             responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature,
                                         args.generation_batch_size)
         else:
@@ -176,25 +191,42 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
             logp_ref = common.logprobs(ref, query, query_mask, responses, mask, args.temperature, args.micro_batch_size)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
-    scores = score(rows * 2, texts)
+    scores = score(rows * n, texts)
     if args.eos_penalty is not None:  # a response that never ended gets the fixed penalty instead of its score
         scores = torch.where(ended, scores, args.eos_penalty)
     kl = (logp_old - logp_ref).sum(1)
-    return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old.sum(1),
-                scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, ended=ended.float())
+    pairs = dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old.sum(1),
+                 scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, ended=ended.float())
+    keep = torch.ones(b, device=device)
+    if args.mu == "best-of-n":
+        pick, keep = best_and_worst(responses, pairs["rewards"], b)
+        pairs = {key: value[pick] for key, value in pairs.items()}
+    return pairs | {"keep": keep, "sample_score": scores.mean()}
+
+
+def best_and_worst(responses: torch.Tensor, rewards: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of each prompt's best (argmax reward) then worst (argmin) of its N samples (sample j of prompt i in row
+    j*b + i), and keep: 0 where the two are the same tokens. Where all N rewards tie, argmax and argmin both take the
+    first sample, so such a prompt is dropped too; distinct responses with different rewards are always kept."""
+    prompt, by_prompt = torch.arange(b, device=rewards.device), rewards.view(-1, b)
+    best, worst = by_prompt.argmax(0) * b + prompt, by_prompt.argmin(0) * b + prompt
+    return torch.cat([best, worst]), (responses[best] != responses[worst]).any(1).float()
 
 
 def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
     """K passes of the REBEL regression over this rank's pairs, in minibatches of micro-batches.
 
-    Each micro-batch forwards y and y' together (one forward, so DDP sees one backward per forward)."""
+    Each micro-batch forwards y and y' together (one forward, so DDP sees one backward per forward). The loss is the
+    mean over the kept pairs of the minibatch over all ranks (each micro-batch's sum over the ranks' mean count)."""
     b = len(batch["rewards"]) // 2
     minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
     device = batch["rewards"].device
+    keep = batch.get("keep", torch.ones(b, device=device))
     losses, predicted = [], torch.zeros(b, device=device)
     for _ in range(args.num_passes):
         order = torch.randperm(b, device=device)
         for start in range(0, b, minibatch):
+            kept = common.all_reduce(keep[order[start:start + minibatch]].sum(), mean=True)
             for step, micro_start in enumerate(range(start, start + minibatch, micro)):
                 i = order[micro_start:micro_start + micro]
                 both = torch.cat([i, i + b])  # y rows, then their y' rows
@@ -203,16 +235,17 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
                                            batch["responses"][both], batch["mask"][both], args.temperature).sum(1)
                     logp_ratio = logp - batch["logp_old"][both]
                     loss = rebel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
-                                      batch["rewards"][i], batch["rewards"][i + b], args.eta)
-                    (loss / args.grad_accum_steps).backward()
+                                      batch["rewards"][i], batch["rewards"][i + b], args.eta, keep[i], kept)
+                    loss.backward()
                 losses.append(loss.detach())
                 predicted[i] = (logp_ratio[:len(i)] - logp_ratio[len(i):]).detach() / args.eta
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    target = batch["rewards"][:b] - batch["rewards"][b:]
-    return {"loss": torch.stack(losses).mean(), "reward_diff": target.abs().mean(),
-            "regression_corr": torch.corrcoef(torch.stack([predicted, target]))[0, 1].nan_to_num(0.0)}
+    both = torch.stack([predicted, batch["rewards"][:b] - batch["rewards"][b:]])[:, keep.bool()]  # kept pairs
+    corr = torch.corrcoef(both)[0, 1].nan_to_num(0.0) if both.shape[1] > 1 else torch.tensor(0.0, device=device)
+    return {"loss": torch.stack(losses).sum() / (args.num_passes * args.num_minibatches),
+            "reward_diff": both[1].abs().sum() / max(both.shape[1], 1), "regression_corr": corr}
 
 
 def main(args: Args):
@@ -252,13 +285,13 @@ def main(args: Args):
     common.print0(f"before training: eval score {before['score']:.3f} (eos fraction {before['eos_fraction']:.2f})")
     batches = common.prompt_batches(train_rows, args.batch_size, args.seed, skip=start)
     for iteration in tqdm(range(start + 1, args.num_iterations + 1), disable=rank != 0, desc=args.exp_name):
-        # 1. Sample two responses per prompt from pi_t; score them; KL-regularise the scores.
+        # 1. Sample two (best-of-n: N) responses per prompt; score them; KL-regularise the scores; pick the pairs.
         batch = rollout(policy, reference, tokenizer, next(batches), score, args, amp)
         # 2. Regress the relative log-ratio onto the relative reward (K passes, minibatches).
         stats = update(policy, optimizer, scheduler, batch, args, amp)
-        # 3. Log the mean over all processes.
-        metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "eos_fraction": batch["ended"].mean(),
-                   "length": batch["mask"].sum(1).float().mean(), **stats}
+        # 3. Log the mean over all processes (score: over every sampled response; the rest: over the pairs).
+        metrics = {"score": batch["sample_score"], "kl": batch["kl"].mean(), "eos_fraction": batch["ended"].mean(),
+                   "length": batch["mask"].sum(1).float().mean(), "kept_fraction": batch["keep"].mean(), **stats}
         log(metrics | {"lr": scheduler.get_last_lr()[0]}, iteration)
         if args.save_every and iteration % args.save_every == 0:
             common.save_checkpoint(args, iteration, policy, optimizer, scheduler, {"before": before})

@@ -107,6 +107,92 @@ def test_rollout_pairs_come_from_the_chosen_source(mu, tiny_llama, tmp_path):
     assert torch.equal(batch["scores"], torch.where(ended, 0.0, args.eos_penalty))
 
 
+def test_best_of_n_keeps_the_argmax_and_argmin_of_the_regularised_rewards(tiny_llama, tmp_path):
+    """N = 4 samples for each of 3 prompts; the same random stream replayed here gives the same 12 responses, whose
+    rewards (score, the no-EOS penalty, minus kl_coef x KL) we compute ourselves."""
+    tokenizer = common.load_tokenizer(tiny_llama)
+    policy, reference = common.load_model(tiny_llama, CPU), common.load_model(tiny_llama, CPU)
+    head = torch.nn.Linear(policy.config.hidden_size, policy.config.vocab_size, bias=True)
+    with torch.no_grad():  # the policy ends some of its 4-token responses (5 of the 12 here); pi_ref rarely would
+        head.weight.copy_(policy.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = 3.0
+    policy.lm_head = head
+    rows = common.tokenize_prompts(common.load_splits(write_prompts(tmp_path / "p.jsonl", 8), "train", "test",
+                                                      1)[0], tokenizer, 64)
+    rows = [rows[i] for i in range(3)]
+    args = rebel.Args(mu="best-of-n", num_samples=4, max_new_tokens=4, kl_coef=0.5, temperature=1.0)
+
+    def score(rows, texts):  # a score we control, different for almost any two texts
+        return torch.tensor([sum(map(ord, t)) % 97 / 10 for t in texts])
+
+    amp = common.precision("float32", CPU)[1]
+    torch.manual_seed(0)
+    batch = rebel.rollout(policy, reference, tokenizer, rows, score, args, amp)
+    torch.manual_seed(0)
+    query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
+    query, query_mask = query.repeat(4, 1), query_mask.repeat(4, 1)
+    every = common.generate(policy, tokenizer, query, query_mask, 4, 1.0)
+    mask = common.eos_mask(every, tokenizer.eos_token_id)
+    with torch.no_grad():
+        kl = (common.logprobs(policy, query, query_mask, every, mask, 1.0) -
+              common.logprobs(reference, query, query_mask, every, mask, 1.0)).sum(1)
+    ended = common.has_eos(every, mask, tokenizer.eos_token_id)
+    assert 0 < ended.sum() < 12  # both kinds occur, so the penalty matters
+    scores = torch.where(ended, score(None, tokenizer.batch_decode(every, skip_special_tokens=True)), -1.0)
+    rewards = (scores - 0.5 * kl).view(4, 3)  # sample j of prompt i in row 3 j + i
+    best, worst = rewards.argmax(0) * 3 + torch.arange(3), rewards.argmin(0) * 3 + torch.arange(3)
+    assert not torch.equal(best, (scores.view(4, 3).argmax(0) * 3 + torch.arange(3)))  # the KL term changed a pick
+    pick = torch.cat([best, worst])
+    assert torch.equal(batch["responses"], every[pick]) and torch.equal(batch["query"], query[pick])
+    assert batch["keep"].tolist() == [1.0, 1.0, 1.0]
+    torch.testing.assert_close(batch["rewards"], torch.cat([rewards.max(0).values, rewards.min(0).values]))
+    torch.testing.assert_close(batch["scores"], scores[pick])
+    assert batch["sample_score"] == pytest.approx(scores.mean().item())
+    # the pair's stored pi_t log-probs and KL are those of the two kept responses, computed on them alone
+    pair_mask = common.eos_mask(every[pick], tokenizer.eos_token_id)
+    with torch.no_grad():
+        logp = common.logprobs(policy, query[pick], query_mask[pick], every[pick], pair_mask, 1.0).sum(1)
+        logp_ref = common.logprobs(reference, query[pick], query_mask[pick], every[pick], pair_mask, 1.0).sum(1)
+    torch.testing.assert_close(batch["logp_old"], logp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch["kl"], logp - logp_ref, atol=1e-4, rtol=0)
+    assert torch.equal(batch["mask"], pair_mask)
+
+
+def test_best_of_n_drops_prompts_whose_best_and_worst_are_the_same_tokens(tiny_llama, tmp_path):
+    # By hand: N = 3 samples of 3 prompts (sample j of prompt i in row 3 j + i). Prompt 0: rewards 1, 3, 2, kept
+    # (best sample 1, worst sample 0). Prompt 1: every reward ties, so argmax and argmin both take sample 0: dropped.
+    # Prompt 2: best and worst (samples 0 and 1) are the same tokens (rewards apart only by rounding): dropped.
+    responses = torch.tensor([[5, 6], [7, 8], [9, 9], [6, 5], [8, 7], [9, 9], [5, 5], [8, 8], [9, 8]])
+    rewards = torch.tensor([1.0, 0.5, 0.2, 3.0, 0.5, 0.3, 2.0, 0.5, 0.25])
+    pick, keep = rebel.best_and_worst(responses, rewards, 3)
+    assert pick.tolist() == [3, 1, 5, 0, 1, 2] and keep.tolist() == [1.0, 0.0, 0.0]
+    # A dropped pair, however large its residual, is not in the loss: the mean is over the kept pairs.
+    one = [torch.tensor([x]) for x in (-1.0, -1.5, -2.0, -2.0, 1.0, 0.0)]
+    two = [torch.tensor([x, y]) for x, y in zip((-1.0, -1.5, -2.0, -2.0, 1.0, 0.0), (40.0, 0, 0, 0, 0, 0))]
+    assert rebel.rebel_loss(*two, eta=1.0).item() == pytest.approx((0.25 + 1600) / 2)  # both pairs
+    alone = rebel.rebel_loss(*one, eta=1.0)
+    assert alone.item() == pytest.approx(0.25)  # (0.5 - 0 - 1)^2
+    assert rebel.rebel_loss(*two, eta=1.0, keep=torch.tensor([1.0, 0.0])).item() == pytest.approx(0.25)
+    assert rebel.rebel_loss(*two, eta=1.0, keep=torch.tensor([1.0, 0.0]), num_kept=torch.tensor(4.0)).item() == \
+        pytest.approx(0.25 / 4)
+    # A policy that always writes 'PPPPP': every prompt's N samples are the same tokens, so every pair is dropped,
+    # and the update's loss is exactly 0.
+    tokenizer = common.load_tokenizer(tiny_llama)
+    policy, reference = writes_one_token(tiny_llama, "P", tokenizer), common.load_model(tiny_llama, CPU)
+    rows = common.tokenize_prompts(common.load_splits(write_prompts(tmp_path / "p.jsonl", 8), "train", "test",
+                                                      1)[0], tokenizer, 64)
+    args = rebel.Args(mu="best-of-n", num_samples=3, max_new_tokens=5, batch_size=4, num_minibatches=2, lr=1e-3)
+    amp = common.precision("float32", CPU)[1]
+    batch = rebel.rollout(policy, reference, tokenizer, [rows[i] for i in range(4)], lambda r, t: torch.zeros(len(t)),
+                          args, amp)
+    assert batch["responses"].shape == (8, 5) and batch["keep"].tolist() == [0.0] * 4
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = rebel.update(policy, optimizer, scheduler, batch, args, amp)
+    assert stats["loss"].item() == 0.0 and stats["reward_diff"].item() == 0.0
+
+
 def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
     """Reward = fraction of digits in 8 sampled characters: ~0.1 for the random model. Measured at seed 1:
     0.07 -> 0.22 over 10 iterations, and greedy eval 0.19 -> 1.0."""
@@ -212,7 +298,8 @@ def test_bad_input_gives_one_clear_error_line_before_loading_a_model(tmp_path, c
              (["--dataset", str(empty), *reward], "has no rows"),
              (["--batch-size", "10", "--num-minibatches", "4"], "--batch-size 10 must be a positive multiple"),
              (["--reward-fn", "nowhere:f"], "--reward-fn nowhere:f"),
-             (["--mu", "dataset", "--dataset", str(prompts_only), *reward], "needs a 'completion' or 'chosen' column")]
+             (["--mu", "dataset", "--dataset", str(prompts_only), *reward], "needs a 'completion' or 'chosen' column"),
+             (["--mu", "best-of-n", "--num-samples", "1"], "--num-samples must be at least 2")]
     # The first case as a user sees it on the command line: one error line, no traceback, no model loaded.
     result = cli("--model", str(tmp_path / "no-such-model"), *cases[0][0])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
