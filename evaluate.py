@@ -11,8 +11,10 @@ response y ~ pi(.|x) per prompt sampled at temperature T:
 The KL is the estimate the RL scripts log (log-probs at the sampling temperature, on the policy's own samples), so a
 checkpoint's reward and KL here sit on the same axes as training. The judge sees the prompt and the two responses in
 a random order (fixed by --seed: position bias cancels out) and answers A or B; an answer naming neither counts as
-a tie (half a win). The judge is any chat model through transformers (--judge-model, prompted with --judge-prompt,
-by default the DPO paper's TL;DR summary-comparison prompt) or a Python function (--judge-fn module:function, called
+a tie (half a win). The judge is any chat model through transformers (--judge-model, prompted with --judge-prompt:
+by default "dpo", the DPO paper's short TL;DR question; "tldr" and "hh" are the seed's summary and helpfulness
+prompts, a one-sentence comparison and then the verdict after "Preferred:" / "More helpful:", which `parse_choice`
+reads) or a Python function (--judge-fn module:function, called
 with keywords as reward functions are: f(prompts, completions, **dataset_columns) -> answers, completions a list
 of [A, B] pairs, each answer a text naming A or B or, as TRL's pairwise judges return, the index 0 or 1). Writes
 eval.json (the numbers), samples.jsonl (every response and verdict) and, with several policies and matplotlib
@@ -36,11 +38,27 @@ from tqdm import tqdm
 
 import common
 
-JUDGE_PROMPT = (
+SUMMARIES = (
     "Which of the following summaries does a better job of summarizing the most important points in the given "
     "forum post, without including unimportant or irrelevant details? A good summary is both precise and concise."
-    "\n\nPost:\n{prompt}\n\nSummary A:\n{a}\n\nSummary B:\n{b}\n\n"
-    'Which summary is better? Answer with just "A" or "B".')
+    "\n\nPost:\n{prompt}\n\nSummary A:\n{a}\n\nSummary B:\n{b}\n\n")
+JUDGE_PROMPTS = {
+    "dpo": SUMMARIES + 'Which summary is better? Answer with just "A" or "B".',  # answered in a few tokens
+    # The seed's two win-rate prompts (the DPO paper's GPT-4 prompts, as the DR-PO paper's Appendix D.3 gives them):
+    # a one-sentence comparison, then the verdict on its own line after "Preferred:" / "More helpful:".
+    "tldr": (
+        SUMMARIES + "FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and "
+        'why. SECOND, on a new line, state only "A" or "B" to indicate your choice. Your response should use the '
+        'format:\nComparison: <one-sentence comparison and explanation>\nPreferred: <"A" or "B">'),
+    "hh": (
+        "For the following query to a chatbot, which response is more helpful?\n\nQuery: {prompt}\n\n"
+        "Response A:\n{a}\n\nResponse B:\n{b}\n\n"
+        "FIRST provide a one-sentence comparison of the two responses and explain which you feel is more helpful. "
+        'SECOND, on a new line, state only "A" or "B" to indicate which response is more helpful. Your response '
+        'should use the format:\nComparison: <one-sentence comparison and explanation>\nMore helpful: <"A" or "B">'),
+}
+JUDGE_TOKENS = {"tldr": 128, "hh": 128}
+"""judge tokens of the named templates that ask for a sentence first (any other template: 8)"""
 
 
 @dataclass
@@ -67,10 +85,12 @@ class Args:
     judge_fn: str | None = None
     """judge function `module:function` or `file.py:function`, f(prompts, completions, **dataset_columns) ->
     answers; completions are [A, B] pairs, answers texts naming A or B, or indices 0 / 1 as TRL's judges return"""
-    judge_prompt: str = JUDGE_PROMPT
-    """the judge model's prompt, with the fields {prompt}, {a} and {b}"""
-    judge_max_new_tokens: int = 8
-    """tokens the judge model may write (greedy); the first standalone A or B in them is its answer"""
+    judge_prompt: str = "dpo"
+    """the judge model's prompt: a name, dpo (the DPO paper's short TL;DR question), tldr or hh (the seed's summary
+    and helpfulness prompts: a one-sentence comparison, then "Preferred: A" / "More helpful: B"), or a template
+    with the fields {prompt}, {a} and {b}"""
+    judge_max_new_tokens: int | None = None
+    """tokens the judge model may write (greedy); None: 128 for tldr and hh (room for the sentence), else 8"""
     seed: int = 0
     """seeds the sampling (the same for every policy) and the judge's A/B positions"""
     temperature: float = 0.7
@@ -102,9 +122,10 @@ def check_args(args: Args, world_size: int):
         common.fail("give --judge-model or --judge-fn, not both")
     if args.temperature <= 0:
         common.fail(f"--temperature must be positive (the KL is estimated on samples), got {args.temperature}")
-    common.check_flags(args, world_size, positive=("num_prompts", "judge_max_new_tokens", "max_new_tokens",
-                                                   "max_prompt_length", "micro_batch_size"))
-    for field in re.findall(r"{(\w*)}", args.judge_prompt):
+    given = () if args.judge_max_new_tokens is None else ("judge_max_new_tokens",)
+    common.check_flags(args, world_size, positive=("num_prompts", "max_new_tokens", "max_prompt_length",
+                                                   "micro_batch_size") + given)
+    for field in re.findall(r"{(\w*)}", judge_template(args.judge_prompt)):
         if field not in ("prompt", "a", "b"):
             common.fail(f"--judge-prompt: unknown field {{{field}}} (use {{prompt}}, {{a}} and {{b}})")
 
@@ -130,12 +151,33 @@ def sample(policy, reference, tokenizer, rows, score, args: Args, amp) -> dict:
     return out
 
 
+def judge_template(judge_prompt: str) -> str:
+    """--judge-prompt as a template: a name from JUDGE_PROMPTS, or the flag's text itself."""
+    return JUDGE_PROMPTS.get(judge_prompt, judge_prompt)
+
+
+def judge_tokens(args: Args) -> int:
+    """--judge-max-new-tokens, or by default 128 for the named templates that ask for a sentence first, else 8."""
+    return args.judge_max_new_tokens or JUDGE_TOKENS.get(args.judge_prompt, 8)
+
+
+VERDICT = re.compile(r"(?:Preferred|More helpful)\s*:", re.IGNORECASE)
+
+
 def parse_choice(answer) -> str | None:
-    """The judge's verdict: the first standalone 'A' or 'B' in its answer (an index 0 or 1 is A or B), None if there
-    is none."""
+    """The judge's verdict (an index 0 or 1 is A or B): the first standalone 'A' or 'B' in the verdict line, None
+    (neither: a tie) if there is none. The verdict line is what follows the last "Preferred:" or "More helpful:"
+    (or the next non-empty line, if nothing follows it on its own), else the answer's last non-empty line unless
+    that is the "Comparison:" line (an answer cut off before its verdict); so a comparison sentence that names both
+    A and B above the verdict is not read, and quotes ('"A"') are fine."""
     if isinstance(answer, int):
         return {0: "A", 1: "B"}.get(answer)
-    found = re.search(r"\b([AB])\b", answer)
+    markers = list(VERDICT.finditer(answer))
+    lines = (answer[markers[-1].end():] if markers else answer).strip().splitlines()
+    verdict = lines[0] if markers and lines else lines[-1] if lines else ""
+    if not markers and re.match(r"\s*Comparison\s*:", verdict, re.IGNORECASE):
+        verdict = ""
+    found = re.search(r"\b([AB])\b", verdict)
     return found.group(1) if found else None
 
 
@@ -179,8 +221,11 @@ def model_judge(name: str, template: str, max_new_tokens: int, micro_batch: int,
 
 
 def plain_text(prompt) -> str:
-    """A prompt as the judge reads it: the text, or the messages' contents."""
-    return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
+    """A prompt as the judge reads it: the text, a single message's content, or a multi-turn dialogue (HH) as
+    'User: ...' and 'Assistant: ...' paragraphs."""
+    if isinstance(prompt, str) or len(prompt) == 1:
+        return prompt if isinstance(prompt, str) else prompt[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
 
 
 def plot(results: list[dict], path: str) -> bool:
@@ -227,8 +272,8 @@ def main(args: Args):
     rows = common.tokenize_prompts(eval_rows, tokenizer, args.max_prompt_length)
     prompts = [plain_text(p) for p in rows["prompt"]]
     if args.judge_model is not None:
-        judge = model_judge(args.judge_model, args.judge_prompt, args.judge_max_new_tokens, args.micro_batch_size,
-                            device, dtype, amp)
+        judge = model_judge(args.judge_model, judge_template(args.judge_prompt), judge_tokens(args),
+                            args.micro_batch_size, device, dtype, amp)
     reference = common.load_model(args.reference, device).requires_grad_(False)  # fp32 under autocast, as training
 
     results, samples = [], []

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import tyro
 from transformers import LlamaForCausalLM
 
 import evaluate
@@ -50,6 +51,45 @@ def test_positions_are_randomised_and_unparsed_answers_are_ties():
     assert tied["win_rate"] == 0.5 and tied["ties"] == 40
     assert [evaluate.parse_choice(s) for s in ("B", "Preferred: A", "a b", "Summary B.", "")] == \
         ["B", "A", None, "B", None]
+
+
+def test_parse_choice_reads_the_verdict_line_of_the_seed_prompts():
+    # a comparison sentence naming both A and B (A first) above the verdict: the verdict line decides
+    assert evaluate.parse_choice("Comparison: Summary A misses the point that Summary B states clearly.\n"
+                                 "Preferred: B") == "B"
+    assert evaluate.parse_choice("Comparison: A is vaguer than B, and B is longer.\nMore helpful: A\n") == "A"
+    assert evaluate.parse_choice("Comparison: Response A rambles while B is direct.\n\nB") == "B"  # no marker
+    # the choice in quotes, or on the line after the marker; the last marker counts
+    assert evaluate.parse_choice('Comparison: B is concise; A is not.\nPreferred: "A"') == "A"
+    assert evaluate.parse_choice('Comparison: A is better than B.\nPreferred:\n"B"') == "B"
+    assert evaluate.parse_choice('I am told to write Preferred: <"A" or "B">.\nPreferred: B') == "B"
+    # neither: a verdict line naming no choice, or an answer cut off before it (even if the comparison names one)
+    assert evaluate.parse_choice("Comparison: both are fine.\nPreferred: neither") is None
+    assert evaluate.parse_choice("Comparison: A is clearer than") is None
+    assert evaluate.parse_choice("Comparison: Summary A is better.\nPreferred:") is None
+
+
+def test_judge_prompt_names_resolve_to_the_seed_templates():
+    tldr = tyro.cli(evaluate.Args, args=["--policy", "p", "--judge-prompt", "tldr"])
+    template = evaluate.judge_template(tldr.judge_prompt)
+    assert template == evaluate.JUDGE_PROMPTS["tldr"] and template.startswith("Which of the following summaries")
+    assert template.endswith('Comparison: <one-sentence comparison and explanation>\nPreferred: <"A" or "B">')
+    assert evaluate.judge_tokens(tldr) == 128  # room for the comparison sentence
+    hh = evaluate.judge_template("hh")
+    assert hh.startswith("For the following query to a chatbot") and hh.endswith('More helpful: <"A" or "B">')
+    filled = hh.format(prompt="Q?", a="first", b="second")
+    assert "Query: Q?" in filled and "Response A:\nfirst" in filled and "Response B:\nsecond" in filled
+    short = tyro.cli(evaluate.Args, args=["--policy", "p"])  # the default: the short question, 8 tokens
+    assert evaluate.judge_template(short.judge_prompt) == evaluate.JUDGE_PROMPTS["dpo"]
+    assert evaluate.judge_tokens(short) == 8
+    literal = tyro.cli(evaluate.Args, args=["--policy", "p", "--judge-prompt", "Q {prompt} {a} {b}",
+                                            "--judge-max-new-tokens", "3"])
+    assert evaluate.judge_template(literal.judge_prompt) == "Q {prompt} {a} {b}" and evaluate.judge_tokens(literal) == 3
+    # an HH dialogue reaches the judge with its turns labelled; a single message as its text
+    dialogue = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Help?"}]
+    assert evaluate.plain_text(dialogue) == "User: Hi\n\nAssistant: Hello\n\nUser: Help?"
+    assert evaluate.plain_text(dialogue[:1]) == "Hi"
 
 
 def test_evaluate_two_policies(tiny_llama, other_llama, tmp_path):
