@@ -23,7 +23,8 @@ Rolling in once and branching twice is the paper's "roll out tau to H, reset it 
 the roll-in followed by the first future. Doing it this way plays both futures in one batch.
 
 The user simulator is one interface, `user(conversations) -> next user messages`, with two kinds: an LLM user
-(--user-model, any chat model, shown the conversation and asked for the user's next message) and a rule user
+(--user-model, any chat model, shown the conversation and asked, as the authors' simulator is, to justify the next
+question and then write it after "Question:", which alone is kept) and a rule user
 (--user-fn module:function). The embedded default is the arithmetic task continued over turns: the rule user asks
 follow-ups that build on the assistant's last answer ("Now add 4 to that."), and the reward is whether the answer at
 turn H is right, so an early mistake costs every later turn.
@@ -44,9 +45,20 @@ from transformers import AutoModelForSequenceClassification
 
 import common
 
-USER_PROMPT = ("Below is a conversation between a user and an AI assistant.\n\n{conversation}\n\n"
-               "Pretend you are the user in this conversation. Write the user's next message: a follow-up question "
-               "that builds on the conversation. Reply with the message only.")
+CONVERSATION = "Below is a conversation between a user and an AI assistant.\n\n{conversation}\n\n"
+USER_PROMPTS = {
+    # As the authors' simulator does: reason first, then the question after a marker (see `user_message`).
+    "refuel": CONVERSATION + (
+        "Pretend you are the user in this conversation and decide what the user asks next: a follow-up question "
+        "that builds on the conversation and on what the user still wants to know. First write one or two sentences "
+        "justifying the question you choose. Then, on a new line, write \"Question:\" followed by the user's next "
+        "message exactly as the user would write it."),
+    "plain": CONVERSATION + (
+        "Pretend you are the user in this conversation. Write the user's next message: a follow-up question that "
+        "builds on the conversation. Reply with the message only."),
+}
+QUESTION = "Question:"
+"""the marker after which the LLM user's message starts"""
 
 
 @dataclass
@@ -57,9 +69,11 @@ class Args:
     """LLM user: a chat model (hub id or folder) that writes the user's next message; if unset, --user-fn"""
     user_fn: str = "embedded:arithmetic_user"
     """rule user `module:function` or `file.py:function`, f(conversations) -> list of next user messages"""
-    user_prompt: str = USER_PROMPT
-    """instruction the LLM user reads; {conversation} is replaced by the dialogue as a 'User: ... Assistant: ...'
-    transcript"""
+    user_prompt: str = "refuel"
+    """instruction the LLM user reads: a name, refuel (a justification, then the message after "Question:") or plain
+    (the message only), or a template in which {conversation} is replaced by the dialogue as a 'User: ...
+    Assistant: ...' transcript. The message is what follows the last "Question:" in the LLM user's text (all of it
+    if there is none)"""
     user_temperature: float = 0.8
     """sampling temperature of the LLM user (0 is greedy); paper: 0.8"""
     user_max_new_tokens: int = 64
@@ -171,7 +185,7 @@ def check_args(args: Args, world_size: int):
         common.fail(f"--temperature must be positive (log-probs divide by it), got {args.temperature}")
     if args.eta <= 0:
         common.fail(f"--eta must be positive, got {args.eta}")
-    if "{conversation}" not in args.user_prompt:
+    if "{conversation}" not in USER_PROMPTS.get(args.user_prompt, args.user_prompt):
         common.fail("--user-prompt must contain {conversation}")
 
 
@@ -242,7 +256,13 @@ class LLMUser:
                    self.tokenizer(ask[0]["content"] + "\n\nUser:")["input_ids"][-self.max_length:] for ask in asks]
         answers = sample_turns(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
                                self.micro_batch)
-        return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+        return [user_message(self.tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
+
+
+def user_message(text: str) -> str:
+    """The LLM user's next message in its text: what follows the last "Question:" marker, stripped; the whole text,
+    stripped, if it has no marker (a plain prompt, or a user that skipped the justification)."""
+    return text[text.rfind(QUESTION) + len(QUESTION):].strip() if QUESTION in text else text.strip()
 
 
 def make_user(args: Args, device, dtype):
@@ -250,7 +270,8 @@ def make_user(args: Args, device, dtype):
     if args.user_model is None:
         function = common.load_reward_fn(args.user_fn, "--user-fn")
         return lambda conversations: common.call_user_fn(function, f"--user-fn {args.user_fn}", conversations)
-    return LLMUser(args.user_model, args.user_device or device, dtype, args.user_prompt, args.user_temperature,
+    return LLMUser(args.user_model, args.user_device or device, dtype,
+                   USER_PROMPTS.get(args.user_prompt, args.user_prompt), args.user_temperature,
                    args.user_max_new_tokens, args.max_prompt_length, args.micro_batch_size)
 
 

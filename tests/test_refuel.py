@@ -157,6 +157,29 @@ def test_futures_share_the_history_up_to_turn_h(kind, tiny_llama, tiny_gpt2, tin
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The LLM user's prompt and the message kept from its text
+# ----------------------------------------------------------------------------------------------------------------
+def test_llm_user_message_is_the_text_after_the_last_question_marker(tiny_gpt2):
+    assert refuel.user_message("The user wants a number next.\nQuestion:  What is 12 times 3?\n") == \
+        "What is 12 times 3?"
+    # a marker inside the justification: the last one starts the message
+    assert refuel.user_message("They asked a Question: about sums, so now products.\nQuestion: And 4 x 5?") == \
+        "And 4 x 5?"
+    assert refuel.user_message("  Can you explain that again?\n") == "Can you explain that again?"  # no marker
+    assert refuel.user_message("Justified.\nQuestion:") == ""  # cut off right after the marker: nothing to ask
+    # --user-prompt names a template (default: the justification-then-question one) or is the template itself
+    args = refuel.Args(user_model=tiny_gpt2)
+    assert args.user_prompt == "refuel" and refuel.make_user(args, CPU, torch.float32).prompt == \
+        refuel.USER_PROMPTS["refuel"]
+    assert '"Question:"' in refuel.USER_PROMPTS["refuel"] and "{conversation}" in refuel.USER_PROMPTS["plain"]
+    plain = refuel.make_user(refuel.Args(user_model=tiny_gpt2, user_prompt="plain"), CPU, torch.float32)
+    assert plain.prompt.endswith("Reply with the message only.")
+    refuel.check_args(refuel.Args(user_prompt="plain"), 1)
+    with pytest.raises(SystemExit, match="--user-prompt must contain {conversation}"):
+        refuel.check_args(refuel.Args(user_prompt="Ask something."), 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The loss
 # ----------------------------------------------------------------------------------------------------------------
 def test_loss_is_the_rebel_regression_on_kept_pairs():
