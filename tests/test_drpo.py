@@ -4,6 +4,7 @@ import torch
 
 import common
 import drpo
+from conftest import write_jsonl
 from ppo_testlib import check_learning_and_bare_evaluation
 from ppo_testlib_resets import CHI2_999, check_prefix_is_context_only, chi_square
 
@@ -27,6 +28,50 @@ def test_dataset_prefixes():
     assert all(p == [] for d in none for p in d)
     some = [p for _ in range(2000) for p in drpo.dataset_prefixes(rows, drpo.Args(reset_prob=0.25))[1:]]
     assert abs(sum(p != [] for p in some) / 4000 - 0.25) < 4 * (0.25 * 0.75 / 4000) ** 0.5
+
+
+def hh_rows() -> list[dict]:
+    """Anthropic HH in TRL's conversational format (trl-lib/hh-rlhf-helpful-base): chosen and rejected are whole
+    dialogues that differ only in the last assistant turn; the prompt is implicit."""
+    rows = []
+    for i in range(12):
+        turns = [{"role": "user", "content": f"How do I bake bread {i}?"},
+                 {"role": "assistant", "content": "Mix flour, water, yeast and salt."},
+                 {"role": "user", "content": "How long should it rise?"},
+                 {"role": "assistant", "content": "About an hour, until doubled."},
+                 {"role": "user", "content": "And then?"}]
+        rows.append({"chosen": turns + [{"role": "assistant", "content": f"Bake it at 230 C for {30 + i} min."}],
+                     "rejected": turns + [{"role": "assistant", "content": "No idea."}]})
+    return rows
+
+
+def test_multi_turn_hh_rows_give_the_dialogue_as_prompt_and_the_last_answer_as_reference(tiny_tokenizer, tmp_path):
+    rows = hh_rows()
+    data = write_jsonl(tmp_path / "hh.jsonl", rows)
+    train, _ = common.load_splits(data, "train", "test", 2, 4, "reference")  # what drpo.main loads
+    encoded = common.tokenize_prompts(train, tiny_tokenizer, 512)
+    # the same dialogue with an explicit prompt column gives the same ids
+    explicit = write_jsonl(tmp_path / "hh_prompt.jsonl", [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:],
+                                                            "rejected": r["rejected"][-1:]} for r in rows])
+    encoded_explicit = common.tokenize_prompts(common.load_splits(explicit, "train", "test", 2, 4, "reference")[0],
+                                               tiny_tokenizer, 512)
+    assert len(encoded) == 11  # the last row held out (a tenth at most)
+    for row, source, other in zip(encoded, rows, encoded_explicit):
+        history = source["chosen"][:5]  # every turn before the last assistant turn, the last user turn included
+        text = tiny_tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        assert text.endswith("<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+        assert text.count("<|im_start|>assistant") == 3  # two earlier answers and the generation prompt
+        assert row["input_ids"] == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer = source["chosen"][-1]["content"]
+        assert row["reference_ids"] == tiny_tokenizer(answer, add_special_tokens=False)["input_ids"] + \
+            [tiny_tokenizer.eos_token_id]
+        assert (other["input_ids"], other["reference_ids"]) == (row["input_ids"], row["reference_ids"])
+    # DR-PO's resets are prefixes of that last answer
+    torch.manual_seed(0)
+    rows_list = [encoded[i] for i in range(4)]
+    for prefix, row in zip(drpo.dataset_prefixes(rows_list, drpo.Args(reset_prob=1.0, max_new_tokens=64)),
+                           rows_list):
+        assert 1 <= len(prefix) < len(row["reference_ids"]) and prefix == row["reference_ids"][:len(prefix)]
 
 
 def test_dataset_prefix_is_context_only(tiny_llama):
