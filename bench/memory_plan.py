@@ -67,7 +67,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import torch  # noqa: E402
 import tyro  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPTNeoXConfig,  # noqa: E402
-                          LlamaConfig, MistralConfig)
+                          LlamaConfig, MistralConfig, Qwen2Config)
 
 import test_readme  # noqa: E402  (tests/: the README shell reader)
 
@@ -90,10 +90,13 @@ LLAMA3_8B = functools.partial(LlamaConfig, vocab_size=128256, hidden_size=4096, 
 MISTRAL_7B = functools.partial(MistralConfig, vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                tie_word_embeddings=False)
+QWEN25_1_5B = functools.partial(Qwen2Config, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                max_position_embeddings=32768, tie_word_embeddings=True)
 PYTHIA = {"1b": pythia(2048, 16, 8, 8192), "2.8b": pythia(2560, 32, 32, 10240), "6.9b": pythia(4096, 32, 32, 16384)}
 CONFIGS = {"meta-llama/Meta-Llama-3-8B-Instruct": LLAMA3_8B, "meta-llama/Llama-3.1-8B-Instruct": LLAMA3_8B,
            "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2": LLAMA3_8B, "RLHFlow/ArmoRM-Llama3-8B-v0.1": LLAMA3_8B,
-           "openbmb/Eurus-RM-7b": MISTRAL_7B}
+           "openbmb/Eurus-RM-7b": MISTRAL_7B, "Qwen/Qwen2.5-1.5B": QWEN25_1_5B}
 """hub id -> config constructor; Pythia ids (EleutherAI/pythia-1b-deduped, cleanrl/..., vwxyzjn/...) go by size"""
 
 
