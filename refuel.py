@@ -76,8 +76,8 @@ class Args:
     if there is none)"""
     user_temperature: float = 0.8
     """sampling temperature of the LLM user (0 is greedy); paper: 0.8"""
-    user_max_new_tokens: int = 64
-    """length limit of the LLM user's messages"""
+    user_max_new_tokens: int = 128
+    """length limit of the LLM user's answers (the default prompt has it justify first, then write the question)"""
     user_device: str | None = None
     """device of the LLM user (e.g. cuda:1); default: the policy's device"""
     reward_model: str | None = None
