@@ -45,6 +45,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default --model; works offline through embedded.py
 ARITHMETIC = "arithmetic"  # name of the embedded dataset, generated in code by embedded.py
 ARITHMETIC_PREFERENCES = "arithmetic-preferences"  # the same questions as chosen (right) / rejected (wrong) pairs
+SORTING = "sorting"  # the second embedded task (sort six numbers; long answers, partial credit), from embedded.py
+SORTING_PREFERENCES = "sorting-preferences"  # its questions as chosen (sorted) / rejected (wrong) pairs
 GENERATION_BACKEND = "auto"  # how `generate` samples unless told otherwise; `setup` sets it from --generation-backend
 STATIC_BUCKET = 64  # the static backend left-pads prompts to a multiple of this, so its compiled shapes recur
 LOGPROB_CHUNK = 2 ** 24  # logits per chunk of the log-softmax in `logprobs`: 64 MB in float32
@@ -433,7 +435,7 @@ def load_splits(name: str, train_split: str, eval_split: str, num_eval: int, bat
     """(train, eval) rows of a dataset. Without `eval_split`, the last `num_eval` rows of train are held out.
     The train rows must fill at least one batch of `batch_size` (--batch-size) and have the `columns` a script
     needs (see `check_columns`)."""
-    if name in (ARITHMETIC, ARITHMETIC_PREFERENCES):  # generated in code by embedded.py
+    if name in (ARITHMETIC, ARITHMETIC_PREFERENCES, SORTING, SORTING_PREFERENCES):  # generated in code by embedded.py
         import embedded
 
         data = embedded.dataset(name)

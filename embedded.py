@@ -5,6 +5,10 @@
 - The single-turn task "arithmetic" ("What is 7 + 5? Answer with just the number."), its preference-pair version
   "arithmetic-preferences", and their rule reward `arithmetic_reward` (common.load_splits comes here for those
   names; the scripts' default --reward-fn is `embedded:arithmetic_reward`).
+- A second single-turn task "sorting" ("Sort these numbers from smallest to largest: 42, 17, ..."), its preference
+  pairs "sorting-preferences", and their rule reward with partial credit `sorting_reward`: a task where exploring
+  from the bare prompt rarely earns the full reward and the reference answer is long (~22 tokens), so being handed a
+  prefix of a good answer (DR-PO's and PPO++'s resets) helps.
 - The multi-turn task of refuel.py: a rule user `arithmetic_user` asking follow-ups on the assistant's last answer,
   and `arithmetic_chain_reward`, right when the last answer is the value of the whole chain.
 
@@ -160,9 +164,94 @@ def arithmetic_reward(prompts: list, completions: list, **kwargs) -> list[float]
                   arithmetic_answer(common._message_text(p))) for p, c in zip(prompts, completions)]
 
 
+SORT_COUNT = 6  # numbers per sorting question
+SORT_QUESTION = "Sort these numbers from smallest to largest: {}. Answer with just the sorted numbers, separated by " \
+                "commas."
+
+
+def sorting_dataset(num_train: int = 4000, num_test: int = 150, seed: int = 0) -> DatasetDict:
+    """The second embedded task: "Sort these numbers from smallest to largest: 42, 17, 88, 23, 61, 35. Answer with
+    just the sorted numbers, separated by commas.", in the format of `arithmetic_dataset` (`completion` holds the
+    reference answer "17, 23, 35, 42, 61, 88": 22 tokens of SmolLM2's tokenizer, one per digit). Six distinct
+    two-digit numbers in random order; no test question's set of numbers occurs in train, in any order.
+    SmolLM2-135M-Instruct mostly copies the numbers unsorted: on 100 held-out questions, greedy, 1% fully right and
+    a mean credit (`sorting_reward`) of 0.185; sampled at T=0.7, 1-2% and 0.12-0.15 (two samplings)."""
+    rng = random.Random(seed)
+
+    def question() -> tuple:
+        return tuple(rng.sample(range(10, 100), SORT_COUNT))
+
+    test, held_out = [], set()
+    while len(test) < num_test:  # distinct sets of numbers
+        q = question()
+        test += [q] * (tuple(sorted(q)) not in held_out)
+        held_out.add(tuple(sorted(q)))
+    train = []
+    while len(train) < num_train:
+        q = question()
+        train += [q] * (tuple(sorted(q)) not in held_out)
+
+    def row(q):
+        return {"prompt": [{"role": "user", "content": SORT_QUESTION.format(", ".join(map(str, q)))}],
+                "completion": [{"role": "assistant", "content": ", ".join(map(str, sorted(q)))}]}
+
+    return DatasetDict(train=Dataset.from_list([row(q) for q in train]),
+                       test=Dataset.from_list([row(q) for q in test]))
+
+
+def sorting_preferences(seed: int = 0) -> DatasetDict:
+    """The sorting task as preference pairs (as `arithmetic_preferences`): the questions of `sorting_dataset()`
+    (same splits), `chosen` the sorted numbers, `rejected` a wrong answer, half the time the numbers in the order
+    given (the model's usual mistake), half the time the sorted numbers with one adjacent pair swapped (partial
+    credit 4/6). Deterministic given `seed`."""
+    rng = random.Random(seed)
+
+    def pairs(split: Dataset) -> Dataset:
+        rows = []
+        for row in split:
+            given = sorting_numbers(common._message_text(row["prompt"]))
+            wrong = sorted(given)
+            if rng.random() < 0.5 and given != wrong:
+                wrong = given
+            else:
+                i = rng.randrange(len(wrong) - 1)
+                wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+            rows.append({"prompt": row["prompt"], "chosen": row["completion"],
+                         "rejected": [{"role": "assistant", "content": ", ".join(map(str, wrong))}]})
+        return Dataset.from_list(rows)
+
+    return DatasetDict({name: pairs(split) for name, split in sorting_dataset().items()})
+
+
+def sorting_numbers(text: str) -> list[int] | None:
+    """The numbers of the last sorting question in `text`, in the order given (None if there is none)."""
+    found = re.findall(r"Sort these numbers from smallest to largest: ([\d, ]+)\.", text)
+    return [int(n) for n in re.findall(r"\d+", found[-1])] if found else None
+
+
+def sorting_credit(answer: str, numbers: list[int] | None) -> float:
+    """Partial credit of one answer: the integers written in `answer`, in order, are compared position by position
+    with the sorted `numbers`; credit = (positions that hold the right number) / max(6, integers written). So the
+    sorted list scores 1.0, one adjacent swap 4/6, a 7th number costs 1/7, and the answer's other text is ignored."""
+    if not numbers:
+        return 0.0
+    written, target = [int(n) for n in re.findall(r"\d+", answer)], sorted(numbers)
+    right = sum(w == t for w, t in zip(written, target))
+    return right / max(len(target), len(written))
+
+
+def sorting_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """Rule reward of the sorting task (a TRL-style reward function, as `arithmetic_reward`): the partial credit of
+    `sorting_credit`, 1.0 only for exactly the sorted numbers. Prompts and completions are strings or message lists."""
+    return [sorting_credit(common._message_text(c), sorting_numbers(common._message_text(p)))
+            for p, c in zip(prompts, completions)]
+
+
 def dataset(name: str) -> DatasetDict:
-    """The embedded dataset called `name`: common.ARITHMETIC or common.ARITHMETIC_PREFERENCES."""
-    return arithmetic_dataset() if name == common.ARITHMETIC else arithmetic_preferences()
+    """The embedded dataset called `name`: common.ARITHMETIC, common.ARITHMETIC_PREFERENCES, common.SORTING or
+    common.SORTING_PREFERENCES."""
+    return {common.ARITHMETIC: arithmetic_dataset, common.ARITHMETIC_PREFERENCES: arithmetic_preferences,
+            common.SORTING: sorting_dataset, common.SORTING_PREFERENCES: sorting_preferences}[name]()
 
 
 # ----------------------------------------------------------------------------------------------------------------
