@@ -113,6 +113,9 @@ class Args:
     """random seed (each process adds its rank)"""
     max_turns: int = 5
     """H_max: the longest dialogue, in assistant turns; paper: 5"""
+    reset_turn: Literal["uniform", "last"] = "uniform"
+    """the reset turn h: uniform over {1..H} (REFUEL), or last (h = H: the two dialogues differ only in their final
+    answer, single-turn REBEL on the last turn: the REFUEL paper's baseline)"""
     num_iterations: int = 6
     """training iterations: play pairs of dialogues with pi_t, then regress on them"""
     batch_size: int = 16
@@ -334,10 +337,10 @@ def turn_tensors(turns: list[tuple[list[int], list[int]]], pad_id: int, width: i
     return query, query_mask, responses, (torch.arange(width, device=device)[None] < lengths[:, None]).long()
 
 
-def draw_turns(n: int, max_turns: int) -> tuple[list[int], list[int]]:
-    """n draws of the horizon H ~ U{1..max_turns} and the reset turn h ~ U{1..H}."""
+def draw_turns(n: int, max_turns: int, last: bool = False) -> tuple[list[int], list[int]]:
+    """n draws of the horizon H ~ U{1..max_turns} and the reset turn h ~ U{1..H} (last: h = H)."""
     horizons = [random.randint(1, max_turns) for _ in range(n)]
-    return horizons, [random.randint(1, horizon) for horizon in horizons]
+    return horizons, [horizon if last else random.randint(1, horizon) for horizon in horizons]
 
 
 @torch.no_grad()
@@ -347,7 +350,7 @@ def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: A
 
     Tensors have the a half first and the a' half second (2b rows); `dialogues` are the 2b conversations."""
     b, device = len(rows), common.unwrap(policy).device
-    horizons, resets = draw_turns(b, args.max_turns)
+    horizons, resets = draw_turns(b, args.max_turns, args.reset_turn == "last")
     # Roll in: turns 1..h-1 and the user's turn-h question, the shared history s_h (the reset state).
     histories = [first_turn(row) for row in rows]
     with common.gathered(policy):  # under FSDP2: whole on every rank, as ranks play different numbers of rounds

@@ -91,6 +91,10 @@ def test_horizon_and_reset_turn_are_drawn_as_specified():
     assert chi_square([random.choice(valid) for _ in range(20000)], 5) > 10 * 36.12
     # And the marginal of h: P(h = j) = 1/5 sum_{H >= j} 1/H (h = 1 in 45.7% of the draws).
     assert abs(resets.count(1) / 20000 - sum(1 / k for k in range(1, 6)) / 5) < 0.01
+    # --reset-turn last (the single-turn REBEL baseline): h = H always, H still uniform over {1..5}.
+    random.seed(0)
+    horizons, resets = refuel.draw_turns(20000, 5, last=True)
+    assert resets == horizons and all(abs(horizons.count(k) / 20000 - 0.2) < 0.01 for k in range(1, 6))
 
 
 # ----------------------------------------------------------------------------------------------------------------
