@@ -631,15 +631,17 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
     backend (--generation-backend; None: the process's, GENERATION_BACKEND): "dynamic" is plain `generate`, whose
     KV cache grows by a copy at every step. "static" preallocates the cache for prompt + max_new_tokens and, on a
     GPU, transformers compiles the one-token decoding step and replays it as a CUDA graph (the first call per shape
-    compiles, ~1 min): the same forward and the same sampler, so the same distribution. Its prompts are left-padded
+    compiles: 20-35 s for Pythia-1B on an H200): the same forward and the same sampler, so the same distribution. Its prompts are left-padded
     to a multiple of STATIC_BUCKET tokens (masked, positions from the mask: nothing changes but the shape), so
     iterations reuse the compiled shapes. Under autocast over fp32 weights (the scripts' bf16 on a GPU) it samples
     from a bf16 copy of the weights (`sampling_copy`), as an inference engine would: the same model at the precision
-    autocast computes in. "auto": static on a GPU (not under FSDP2), dynamic otherwise."""
-    backend = backend or GENERATION_BACKEND
-    if backend == "auto":
-        sharded = any(isinstance(m, FSDPModule) for m in unwrap(model).modules())
-        backend = "static" if query.is_cuda and not sharded else "dynamic"
+    autocast computes in; a LoRA model samples dynamic there (a copy would not follow its adapter being switched off
+    for pi_ref). "auto": static on a GPU (not under FSDP2, not LoRA under autocast), dynamic otherwise."""
+    backend, kind, lora = backend or GENERATION_BACKEND, query.device.type, hasattr(unwrap(model), "peft_config")
+    cast = torch.is_autocast_enabled(kind) and next(model.parameters()).dtype != torch.get_autocast_dtype(kind)
+    if backend == "auto" or backend == "static" and cast and lora:  # no bf16 copy of a LoRA model: its adapter
+        sharded = any(isinstance(m, FSDPModule) for m in unwrap(model).modules())  # switches (as_reference)
+        backend = "static" if query.is_cuda and not sharded and not (cast and lora) else "dynamic"
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -650,8 +652,7 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
         config.cache_implementation = "static"
         extra = -query.shape[1] % STATIC_BUCKET
         query, query_mask = F.pad(query, (extra, 0), value=tokenizer.pad_token_id), F.pad(query_mask, (extra, 0))
-        kind = query.device.type
-        if torch.is_autocast_enabled(kind) and next(model.parameters()).dtype != torch.get_autocast_dtype(kind):
+        if cast:
             model, precision = sampling_copy(model, torch.get_autocast_dtype(kind)), torch.autocast(kind, enabled=False)
     saved, training, model.generation_config = model.generation_config, model.training, GenerationConfig()
     try:

@@ -20,8 +20,9 @@ Per GPU, N = parameters, W = world size, b = bytes of --dtype (auto = bfloat16 o
   LoRA     with --lora-r r: "trained" is the adapters, r x (fan-in + fan-out) per linear layer but the output head
            (plus the value model's score head), and the base weights of policy (and value model) are frozen fp32,
            4 B/param; no reference is loaded (pi_ref is the policy with its adapter off).
-  sampling --generation-backend static (auto's choice on a GPU without --fsdp) samples from a b-byte copy of the
-           policy kept for the whole run (common.sampling_copy): b B/param of the policy, in "frozen".
+  sampling --generation-backend static (auto's choice on a GPU without --fsdp, and not for LoRA) samples from a b-byte
+           copy of each model it samples from, kept for the whole run (common.sampling_copy): b B/param of the
+           policy, and of the reference where it samples too (ppo_plus's roll-ins, rebel --mu reference), in "frozen".
   copy     a b-byte working copy of weights. --fsdp: sampling and no-grad passes all-gather one whole model at a
            time (assumed: FSDP2 with param_dtype = b-byte dtype), so b x the largest sharded model; the update pass
            gathers one layer at a time (neglected). DDP: autocast caches the bf16 cast of every fp32 weight that
@@ -198,7 +199,9 @@ def components(script: str, world: int, a, fsdp: bool) -> dict:
         act += activation_bytes(model_config(a.reward_model or a.model), micro, length, gc, nbytes)
     n_trained = n_lora if r else n_policy + n_value
     backend = getattr(a, "generation_backend", "auto")
-    sampling_copy = nbytes * n_policy if nbytes == 2 and (backend == "static" or backend == "auto" and not fsdp) else 0
+    samplers = 1 + (has_reference and (script == "ppo_plus.py" or getattr(a, "mu", "policy") == "reference"))
+    static = nbytes == 2 and not r and (backend == "static" or backend == "auto" and not fsdp)
+    sampling_copy = nbytes * n_policy * samplers if static else 0
     ddp_copy = nbytes * n_trained if nbytes == 2 else 0
     parts = {"trained": trained_bytes(n_trained, world, fsdp),
              "frozen": (4 * n_policy * has_reference + 4 * (n_policy + n_value) * bool(r) + nbytes * n_reward) / shard

@@ -127,3 +127,24 @@ def test_static_backend_under_autocast_samples_from_a_refreshed_bf16_copy(tiny_l
     cast.load_state_dict(model.state_dict())
     cast.to(torch.bfloat16)
     assert torch.equal(greedy, common.generate(cast, tokenizer, query, query_mask, 6, 0.0, backend="dynamic"))
+
+
+def test_static_backend_leaves_a_lora_model_under_autocast_to_plain_generate(tiny_llama):
+    """A bf16 copy of a LoRA policy would not follow its adapter being switched off for pi_ref (`as_reference`), so
+    under autocast over fp32 weights the static backend samples such a model the plain way: no copy is made, and the
+    reference's samples (adapter off) are the base model's."""
+    import rebel
+    policy = common.load_model(tiny_llama, CPU, lora=rebel.Args(lora_r=4))
+    with torch.no_grad():  # a trained adapter: policy and reference now differ
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    base, tokenizer = common.load_model(tiny_llama, CPU), common.load_tokenizer(tiny_llama)
+    query, query_mask, _, _ = batch(tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with common.as_reference(policy, None) as ref:
+            greedy_ref = common.generate(ref, tokenizer, query, query_mask, 8, 0.0, backend="static")
+        greedy_policy = common.generate(policy, tokenizer, query, query_mask, 8, 0.0, backend="static")
+        greedy_base = common.generate(base, tokenizer, query, query_mask, 8, 0.0, backend="dynamic")
+    assert policy not in common._SAMPLING_COPIES
+    assert torch.equal(greedy_ref, greedy_base) and not torch.equal(greedy_policy, greedy_base)
