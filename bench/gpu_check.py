@@ -102,11 +102,17 @@ def run(name: str, algorithm: str, what: str, a, device) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     scheduler = common.make_scheduler(optimizer, "constant", 0.0, 1)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    module = rebel if algorithm == "rebel" else ppo
+    for _ in range(a.warmup):  # untimed: kernel loading, the caching allocator's growth, compiling (static backend)
+        warm = module.rollout(model, reference, tokenizer, rows, score, args, amp)
+        if what == "full":
+            module.update(model, optimizer, scheduler, warm | (ppo.advantages_and_returns(warm, args)
+                                                              if algorithm == "ppo" else {}), args, amp)
+        del warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
     start = time.perf_counter()
-    module = rebel if algorithm == "rebel" else ppo
     batch = module.rollout(model, reference, tokenizer, rows, score, args, amp)
     sync()
     rollout_s = time.perf_counter() - start
@@ -159,6 +165,8 @@ def main():
     parser.add_argument("--micro-batch-size", type=int, default=16, help="sequences per no-grad forward")
     parser.add_argument("--generation-batch-size", type=int, default=None, help="sequences per generate call")
     parser.add_argument("--grad-accum-steps", type=int, default=8, help="micro-batches per optimizer step")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed iterations before the timed one (the README's "
+                        "table: 0, so the first model's iteration carries the process's warm-up)")
     parser.add_argument("--generation-backend", default="dynamic", choices=["auto", "dynamic", "static"],
                         help="how to sample (dynamic by default: static compiles once per model and shape, ~1 min "
                         "each; bench/sampling_speed.py compares the two)")
