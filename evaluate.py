@@ -301,6 +301,7 @@ def main(args: Args):
     summary = {"reference": args.reference, "dataset": args.dataset, "split": args.eval_split, "num_prompts": len(rows),
                "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
                "reward": args.reward_model or args.reward_fn, "judge": args.judge_model or args.judge_fn,
+               "judge_prompt": judge_template(args.judge_prompt) if args.judge_model else None,
                "seed": args.seed, "policies": results}
     with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -125,8 +125,10 @@ def test_a_chat_model_judges(tiny_llama, tmp_path):
     out = tmp_path / "eval"
     evaluate.main(evaluate.Args(policy=[tiny_llama], reference=tiny_llama, dataset=data, num_prompts=4,
                                 reward_fn="tests/pipeline_fns.py:response_length", judge_model=tiny_llama,
-                                judge_max_new_tokens=4, max_new_tokens=4, output_dir=str(out)))
-    (result,) = json.loads((out / "eval.json").read_text())["policies"]
+                                judge_max_new_tokens=4, max_new_tokens=4, judge_prompt="tldr", output_dir=str(out)))
+    summary = json.loads((out / "eval.json").read_text())
+    (result,) = summary["policies"]
+    assert summary["judge_prompt"] == evaluate.JUDGE_PROMPTS["tldr"]  # the template the judge saw, by name or text
     samples = read_jsonl(out / "samples.jsonl")
     # whatever a random judge writes, the win rate is the mean of its parsed verdicts
     verdicts = [evaluate.parse_choice(s["judge_answer"]) for s in samples]
