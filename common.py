@@ -61,9 +61,9 @@ def check_flags(args, world_size: int, positive: tuple = (), batch_split: tuple 
     """The flag checks every script shares, one clear error line for the first failure, before anything is loaded:
     each flag in `positive` > 0; --batch-size a multiple of the processes times each flag in `batch_split` (e.g.
     minibatches, then gradient-accumulation micro-batches); and, for whichever of these flags the script has, a
-    positive --lr, a --warmup-ratio in [0, 1), an --output-dir that can be written (checked without creating
-    anything), a --report-to package that is installed, and a reward that fits the dataset (the default rule reward
-    scores only the embedded task, so any other --dataset needs --reward-model or --reward-fn)."""
+    positive --lr, --num-samples >= 2, a --warmup-ratio in [0, 1), an --output-dir that can be written (checked
+    without creating anything), a --report-to package that is installed, and a reward that fits the dataset (the
+    default rule reward scores only the embedded task, so any other --dataset needs --reward-model or --reward-fn)."""
     for flag in positive + ("lr",) * hasattr(args, "lr") + ("keep_checkpoints",) * hasattr(args, "keep_checkpoints"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -75,6 +75,8 @@ def check_flags(args, world_size: int, positive: tuple = (), batch_split: tuple 
             parts = " x ".join([f"processes ({world_size})"] + [f"--{f.replace('_', '-')} ({getattr(args, f)})"
                                                                  for f in batch_split])
             fail(f"--batch-size {args.batch_size} must be a positive multiple of {parts}")
+    if getattr(args, "num_samples", 2) < 2:  # rebel.py --mu best-of-n: a best and a worst response
+        fail(f"--num-samples must be at least 2 (a best and a worst response), got {args.num_samples}")
     if not 0 <= getattr(args, "warmup_ratio", 0) < 1:
         fail(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if getattr(args, "output_dir", None):  # a writable folder, or a path we can create (nothing is created here)

@@ -140,8 +140,6 @@ def check_args(args: Args, world_size: int):
     common.check_flags(args, world_size, batch_split=("num_minibatches", "grad_accum_steps"),
                        positive=("num_iterations", "num_passes", "num_minibatches", "grad_accum_steps", "temperature",
                                  "eta", "max_new_tokens", "micro_batch_size", "num_eval_prompts", "max_prompt_length"))
-    if args.num_samples < 2:
-        common.fail(f"--num-samples must be at least 2 (a best and a worst response), got {args.num_samples}")
 
 
 def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
@@ -153,8 +151,7 @@ def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tens
 
     With `keep` (1: kept, 0: dropped): the sum over the kept pairs divided by num_kept (default: their count)."""
     squares = ((logp - logp_old) - (logp_pair - logp_pair_old) - eta * (reward - reward_pair)) ** 2
-    if keep is None:
-        return squares.mean()
+    keep = torch.ones_like(squares) if keep is None else keep
     return (keep * squares).sum() / (keep.sum() if num_kept is None else num_kept).clamp(min=1)
 
 
@@ -165,11 +162,9 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
 
     Returns tensors with the y half first and the y' half second (2b rows); keep (b rows) is 0 for a dropped pair;
     sample_score is the mean score of every sampled response."""
-    device = next(policy.parameters()).device
-    n = args.num_samples if args.mu == "best-of-n" else 2
+    device, b, n = next(policy.parameters()).device, len(rows), (args.num_samples if args.mu == "best-of-n" else 2)
     query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id, device)
     query, query_mask = query.repeat(n, 1), query_mask.repeat(n, 1)
-    b = len(rows)
     with amp():
         if args.mu in ("policy", "best-of-n"):
             responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature,
@@ -206,8 +201,7 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
 
 def best_and_worst(responses: torch.Tensor, rewards: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of each prompt's best (argmax reward) then worst (argmin) of its N samples (sample j of prompt i in row
-    j*b + i), and keep: 0 where the two are the same tokens. Where all N rewards tie, argmax and argmin both take the
-    first sample, so such a prompt is dropped too; distinct responses with different rewards are always kept."""
+    j*b + i), and keep: 0 where the two are the same tokens (or all N rewards tie: argmax = argmin = sample 0)."""
     prompt, by_prompt = torch.arange(b, device=rewards.device), rewards.view(-1, b)
     best, worst = by_prompt.argmax(0) * b + prompt, by_prompt.argmin(0) * b + prompt
     return torch.cat([best, worst]), (responses[best] != responses[worst]).any(1).float()
@@ -265,9 +259,8 @@ def main(args: Args):
     # With LoRA no reference is loaded: pi_ref is the policy with its adapter switched off (common.as_reference).
     policy = common.wrap(common.load_model(args.model, device, lora=args), device, dtype, args.fsdp,
                          args.gradient_checkpointing)
-    reference = None
-    if not args.lora_r:
-        reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
+    reference = None if args.lora_r else common.wrap(common.load_model(args.model, device).requires_grad_(False),
+                                                     device, dtype, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
