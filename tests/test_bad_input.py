@@ -322,7 +322,8 @@ def test_warmup_ratio_must_be_below_one(module):
 # 10. fewer evaluation rows than processes: a rank with no evaluation rows still takes part (the old code's
 #     common.shard raised IndexError on it)
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script,sharding", [("sft.py", []), ("sft.py", ["--fsdp"]),
+# (DDP with an empty rank: test_resume.py's two-process runs evaluate one prompt on two processes)
+@pytest.mark.parametrize("script,sharding", [("sft.py", ["--fsdp"]),
                                              ("dpo.py", ["--fsdp", "--gradient-checkpointing"]),
                                              ("reward.py", ["--fsdp", "--gradient-checkpointing"])])
 def test_one_eval_row_on_two_processes(script, sharding, tiny_llama, tmp_path):

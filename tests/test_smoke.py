@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo
@@ -100,6 +101,9 @@ def test_default_experiment_name_is_the_script_name(module):
     assert module.Args().exp_name == name(module)  # the default --run-name starts with it
 
 
-def test_help_names_the_experiment_flag():
-    result = run_script("rebel.py", "--help")
-    assert "--exp-name" in result.stdout and "runs/<run-name>" in result.stdout and "--run-name" in result.stdout
+def test_help_names_the_experiment_flag(capsys):
+    """--help as tyro prints it for `python rebel.py --help` (in this process: the same parser, no start-up)."""
+    with pytest.raises(SystemExit) as done:
+        tyro.cli(rebel.Args, args=["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--exp-name" in out and "runs/<run-name>" in out and "--run-name" in out
