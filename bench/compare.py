@@ -6,6 +6,7 @@ the same budget for all; or REFUEL against its single-turn REBEL baseline on the
     python bench/compare.py --task multiturn                # refuel vs REBEL on the last turn only
     python bench/compare.py --task sorting --dry-run        # print the commands, run nothing
     python bench/compare.py --task sorting --plot-only      # redraw and reprint from results/sorting.json
+    python bench/compare.py --task multiturn --lr 3e-6      # another setting, for all: results/multiturn-lr3e-06.json
 
 Runs go one after another (never in parallel: 2 cores), each a subprocess `python <script>.py ... --seed s
 --output-dir runs/compare/<task>/<algorithm>-<seed>`, then `python evaluate.py` on the trained policy for the KL to
@@ -45,6 +46,7 @@ prompts (PPO: 8 iterations took 763 s with other jobs on the cores, ~45 s an ite
 multiturn, refuel.py's defaults. evaluate.py adds about a minute to each run.
 """
 
+import dataclasses
 import json
 import os
 import statistics
@@ -112,14 +114,37 @@ class Args:
     """print the commands (marking the runs already finished) and run nothing"""
     plot_only: bool = False
     """run nothing: draw the figures and print the table from <results-dir>/<task>.json"""
+    num_iterations: int | None = None
+    """a setting other than the task's budget, for every algorithm (its runs and results are named
+    <task>-it<N>, so they never mix with the budget's)"""
+    lr: float | None = None
+    """a learning rate for every algorithm instead of each script's default (named <task>-lr<lr>)"""
+    eta: float | None = None
+    """REBEL's and REFUEL's eta instead of the scripts' default 1 (named <task>-eta<eta>)"""
 
 
-def train_command(algorithm: str, task: Task, seed: int, run_dir: str) -> list[str]:
-    """The training command of one run: the script, the task, the shared budget, the seed and the folder."""
+def setting(args: Args) -> tuple[str, Task, list]:
+    """The comparison's name (<task>, or <task>-it<N>-lr<lr>-eta<eta> for the settings given), its budget, and the
+    flags added to every training command (eta: only to the regression scripts, see train_command)."""
+    task = TASKS[args.task]
+    if args.num_iterations is not None:
+        task = dataclasses.replace(task, num_iterations=args.num_iterations)
+    chosen = [(key, flag, value) for key, flag, value in (("it", "--num-iterations", args.num_iterations),
+                                                           ("lr", "--lr", args.lr), ("eta", "--eta", args.eta))
+              if value is not None]
+    name = "-".join([args.task] + [f"{key}{value:g}" for key, _, value in chosen])
+    return name, task, [x for _, flag, value in chosen if flag != "--num-iterations" for x in (flag, value)]
+
+
+def train_command(algorithm: str, task: Task, seed: int, run_dir: str, extra: tuple = ()) -> list[str]:
+    """The training command of one run: the script, the task, the shared budget, the seed and the folder; `extra`
+    flags (compare.py's --lr, --eta) at the end (--eta only for the scripts that have it)."""
+    if algorithm not in ("rebel", *MULTI_TURN) and "--eta" in extra:
+        extra = extra[:extra.index("--eta")] + extra[extra.index("--eta") + 2:]
     if algorithm in MULTI_TURN:
         flags = ["--num-iterations", task.num_iterations, "--batch-size", task.batch_size,
                  "--num-eval-prompts", task.num_eval_prompts]
-        return ["refuel.py", *flags, *(LAST_TURN_FLAGS if algorithm == "rebel_last_turn" else []),
+        return ["refuel.py", *flags, *(LAST_TURN_FLAGS if algorithm == "rebel_last_turn" else []), *extra,
                 "--seed", seed, "--output-dir", run_dir]
     shared = ["--reward-fn", task.reward_fn, "--max-new-tokens", task.max_new_tokens]
     steps = task.num_iterations * 2 * 2  # iterations x passes x minibatches
@@ -136,7 +161,7 @@ def train_command(algorithm: str, task: Task, seed: int, run_dir: str) -> list[s
         flags = ["--dataset", task.dataset, "--num-iterations", task.num_iterations, "--batch-size",
                  task.batch_size, "--num-ppo-epochs", 2, "--num-minibatches", 2,
                  "--num-eval-prompts", task.num_eval_prompts]
-    return [f"{algorithm}.py", *flags, *shared, "--seed", seed, "--output-dir", run_dir]
+    return [f"{algorithm}.py", *flags, *shared, *extra, "--seed", seed, "--output-dir", run_dir]
 
 
 def kl_command(task: Task, run_dir: str) -> list[str]:
@@ -174,13 +199,13 @@ def record(algorithm: str, task_name: str, seed: int, run_dir: str) -> dict:
             "curve": curve(run_dir), "run_dir": run_dir}
 
 
-def run_all(args: Args, task: Task, algorithms: list[str]) -> list[dict]:
+def run_all(args: Args, name: str, task: Task, extra: list, algorithms: list[str]) -> list[dict]:
     """Every (algorithm, seed) run not finished yet, one after another; the results file rewritten after each."""
-    results, path = [], os.path.join(args.results_dir, f"{args.task}.json")
+    results, path = [], os.path.join(args.results_dir, f"{name}.json")
     for algorithm in algorithms:
         for seed in args.seeds:
-            run_dir = os.path.join(args.output_dir, args.task, f"{algorithm}-{seed}")
-            command = train_command(algorithm, task, seed, run_dir)
+            run_dir = os.path.join(args.output_dir, name, f"{algorithm}-{seed}")
+            command = train_command(algorithm, task, seed, run_dir, tuple(extra))
             if final_metrics(run_dir) is None:
                 seconds = run(command)
                 with open(os.path.join(run_dir, "seconds.json"), "w") as f:
@@ -194,13 +219,13 @@ def run_all(args: Args, task: Task, algorithms: list[str]) -> list[dict]:
     return results
 
 
-def dry_run(args: Args, task: Task, algorithms: list[str]):
+def dry_run(args: Args, name: str, task: Task, extra: list, algorithms: list[str]):
     """Print every command the comparison would run, marking runs that are already finished."""
     for algorithm in algorithms:
         for seed in args.seeds:
-            run_dir = os.path.join(args.output_dir, args.task, f"{algorithm}-{seed}")
+            run_dir = os.path.join(args.output_dir, name, f"{algorithm}-{seed}")
             done = "  # finished: skipped" if final_metrics(run_dir) is not None else ""
-            print("python " + " ".join(map(str, train_command(algorithm, task, seed, run_dir))) + done)
+            print("python " + " ".join(map(str, train_command(algorithm, task, seed, run_dir, tuple(extra)))) + done)
             if args.task != "multiturn":
                 print("python " + " ".join(map(str, kl_command(task, run_dir))))
 
@@ -229,7 +254,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: list[dict], task_name: str, path: str):
+def plot_curves(results: list[dict], task_name: str, path: str, iterations: int):
     """Training reward per iteration (mean over seeds, band: min to max), and the held-out score (mean over seeds,
     over turns on the multi-turn task) before training at iteration 0 and after it at the last iteration."""
     import matplotlib
@@ -242,7 +267,7 @@ def plot_curves(results: list[dict], task_name: str, path: str):
         runs = [r for r in results if r["algorithm"] == algorithm]
         series = [[p["score"] for p in r["curve"] if "score" in p] for r in runs]
         length = min(len(s) for s in series)
-        color, iterations = None, TASKS[task_name].num_iterations
+        color = None
         if length:
             steps = list(range(1, length + 1))
             columns = list(zip(*[s[:length] for s in series]))
@@ -291,25 +316,25 @@ def plot_kl(results: list[dict], task_name: str, path: str) -> bool:
     return True
 
 
-def report(results: list[dict], task_name: str, results_dir: str):
+def report(results: list[dict], task_name: str, results_dir: str, iterations: int):
     """Draw both figures and print the table."""
     os.makedirs(results_dir, exist_ok=True)
-    plot_curves(results, task_name, os.path.join(results_dir, f"{task_name}_curves.png"))
+    plot_curves(results, task_name, os.path.join(results_dir, f"{task_name}_curves.png"), iterations)
     drawn = plot_kl(results, task_name, os.path.join(results_dir, f"{task_name}_kl.png"))
     print(f"wrote {results_dir}/{task_name}_curves.png" + (f" and {task_name}_kl.png" if drawn else ""))
     print(table(results))
 
 
 def main(args: Args):
-    task = TASKS[args.task]
+    name, task, extra = setting(args)
     algorithms = args.algorithms or (MULTI_TURN if args.task == "multiturn" else SINGLE_TURN)
     if args.dry_run:
-        return dry_run(args, task, algorithms)
+        return dry_run(args, name, task, extra, algorithms)
     if args.plot_only:
-        results = json.load(open(os.path.join(args.results_dir, f"{args.task}.json")))
+        results = json.load(open(os.path.join(args.results_dir, f"{name}.json")))
     else:
-        results = run_all(args, task, algorithms)
-    report(results, args.task, args.results_dir)
+        results = run_all(args, name, task, extra, algorithms)
+    report(results, name, args.results_dir, task.num_iterations)
 
 
 if __name__ == "__main__":

@@ -243,5 +243,23 @@ def test_compare_table_shows_each_turn_on_the_multi_turn_task(tmp_path):
     results = [fake_run("refuel", s, [0.5, 0.25], [0.5 + 0.1 * s, 0.3], None, 600.0, "multiturn") for s in (1, 2)]
     assert "| refuel | 2 | 0.500 +- 0.000 / 0.250 +- 0.000 | 0.650 +- 0.071 / 0.300 +- 0.000 | - | 600 +- 0 |" in \
         compare.table(results)
-    compare.report(results, "multiturn", str(tmp_path))
+    compare.report(results, "multiturn", str(tmp_path), iterations=3)
     assert (tmp_path / "multiturn_curves.png").exists() and not (tmp_path / "multiturn_kl.png").exists()
+
+
+def test_compare_settings_name_their_runs_and_reach_every_algorithm_alike():
+    """--num-iterations / --lr / --eta: a comparison of its own name (never mixed with the budget's runs), the same
+    setting for every algorithm (eta only where a script has it), and nothing added without them."""
+    compare = load_compare()
+    assert compare.setting(compare.Args(task="multiturn")) == ("multiturn", compare.TASKS["multiturn"], [])
+    name, task, extra = compare.setting(compare.Args(task="multiturn", num_iterations=12, lr=3e-6, eta=0.1))
+    assert name == "multiturn-it12-lr3e-06-eta0.1" and task.num_iterations == 12 and extra == ["--lr", 3e-6,
+                                                                                              "--eta", 0.1]
+    for algorithm in compare.MULTI_TURN:
+        command = compare.train_command(algorithm, task, 1, "runs/x", tuple(extra))
+        assert (flag(command, "--num-iterations"), flag(command, "--lr"), flag(command, "--eta")) == \
+            ("12", "3e-06", "0.1")
+    name, task, extra = compare.setting(compare.Args(task="sorting", lr=3e-6, eta=0.1))
+    commands = {a: compare.train_command(a, task, 1, "runs/x", tuple(extra)) for a in compare.SINGLE_TURN}
+    assert name == "sorting-lr3e-06-eta0.1" and all(flag(c, "--lr") == "3e-06" for c in commands.values())
+    assert [a for a, c in commands.items() if flag(c, "--eta") is not None] == ["rebel"]
