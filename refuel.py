@@ -360,9 +360,9 @@ def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: A
         played = play(policy, tokenizer, user, dialogues, [2 * horizon for horizon in horizons] * 2, args,
                       args.temperature, amp)
     scores = score(dialogues, rows * 2)
-    if args.eos_penalty is not None:  # an answer of the future (turns h..H) ran out of tokens
-        ended = torch.tensor([all(a[-1:] == [tokenizer.eos_token_id] for _, a in turns) for turns in played],
-                             device=device)
+    ended = torch.tensor([all(a[-1:] == [tokenizer.eos_token_id] for _, a in turns) for turns in played],
+                         device=device)  # every answer of the future (turns h..H) ended within --max-new-tokens
+    if args.eos_penalty is not None:
         scores = torch.where(ended, scores, args.eos_penalty)
     # The regression's inputs: query = s_h with the generation prompt, response = the turn-h answer (EOS included).
     answers = [turns[0][1] for turns in played]
@@ -378,8 +378,8 @@ def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: A
                                                 args.micro_batch_size).sum(1)
     keep = torch.tensor([a != a_pair for a, a_pair in zip(answers[:b], answers[b:])], device=device).float()
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
-                scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, keep=keep, dialogues=dialogues,
-                horizons=horizons, resets=resets)
+                scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, keep=keep, ended=ended.float(),
+                dialogues=dialogues, horizons=horizons, resets=resets)
 
 
 def refuel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tensor, logp_pair_old: torch.Tensor,
@@ -430,7 +430,8 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
     target, keep = batch["rewards"][:b] - batch["rewards"][b:], batch["keep"].bool()
     corr = torch.corrcoef(torch.stack([predicted[keep], target[keep]]))[0, 1] if keep.sum() > 1 else torch.tensor(0.)
     return {"loss": torch.stack(losses).sum() / (args.num_passes * args.num_minibatches),
-            "reward_diff": target[keep].abs().sum() / keep.sum().clamp(min=1), "regression_corr": corr.nan_to_num(0.0)}
+            "reward_diff": target[keep].abs().sum() / keep.sum().clamp(min=1), "regression_corr": corr.nan_to_num(0.0),
+            "signal_fraction": (target[keep] != 0).sum() / keep.sum().clamp(min=1)}  # kept pairs whose R != R'
 
 
 @torch.no_grad()
@@ -487,6 +488,7 @@ def main(args: Args):
         stats = update(policy, optimizer, scheduler, batch, args, amp)
         # 3. Log the mean over all processes.
         metrics = {"score": batch["scores"].mean(), "kl": batch["kl"].mean(), "kept_fraction": batch["keep"].mean(),
+                   "ended_fraction": batch["ended"].mean(),
                    "horizon": torch.tensor(batch["horizons"], dtype=torch.float).mean(),
                    "reset_turn": torch.tensor(batch["resets"], dtype=torch.float).mean(),
                    "turn_h_length": batch["mask"].sum(1).float().mean(), **stats}

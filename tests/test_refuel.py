@@ -152,12 +152,19 @@ def test_futures_share_the_history_up_to_turn_h(kind, tiny_llama, tiny_gpt2, tin
         penalised = batch["scores"] == args.eos_penalty
         assert (penalised | torch.isclose(batch["scores"], expected)).all()
         assert penalised[~turn_h_ended].all() and (~turn_h_ended).any()
+        assert torch.equal(penalised, batch["ended"] == 0)  # ended: every answer of the future ended
     assert batch["keep"].sum() >= b // 2  # sampled at T = 0.8: most turn-h answers differ
     assert sorted(set(batch["horizons"])) == [1, 2, 3]
     # The recorded log-probs are pi_t's on exactly these tokens.
     logp = common.logprobs(policy, batch["query"], batch["query_mask"], batch["responses"], batch["mask"],
                                     args.temperature).sum(1)
     assert torch.allclose(logp, batch["logp_old"], atol=1e-4)
+    # The update's signal_fraction: the share of kept pairs whose two futures' rewards differ.
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)
+    stats = refuel.update(policy, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), batch,
+                          args, common.precision("float32", CPU)[1])
+    differ = (batch["rewards"][:b] != batch["rewards"][b:])[batch["keep"].bool()]
+    assert stats["signal_fraction"].item() == pytest.approx(differ.float().mean().item())
 
 
 # ----------------------------------------------------------------------------------------------------------------
