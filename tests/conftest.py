@@ -36,6 +36,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS
 """environment of a script run in a subprocess: offline, a wide terminal (one-line errors and help stay unwrapped),
 one thread per process"""
 CPU = torch.device("cpu")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: share the cores, no more threads than cores in all
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 REWARDS = os.path.join(ROOT, "tests", "rewards.py")
 """rule rewards (and REFUEL's rule user) for `--reward-fn REWARDS:fraction_of_a` and the like"""
 
