@@ -123,24 +123,23 @@ class Args:
     """REBEL's and REFUEL's eta instead of the scripts' default 1 (named <task>-eta<eta>)"""
 
 
-def setting(args: Args) -> tuple[str, Task, list]:
+def setting(args: Args) -> tuple[str, Task, dict]:
     """The comparison's name (<task>, or <task>-it<N>-lr<lr>-eta<eta> for the settings given), its budget, and the
-    flags added to every training command (eta: only to the regression scripts, see train_command)."""
+    flags added to the training commands ({flag: value}; see train_command)."""
     task = TASKS[args.task]
     if args.num_iterations is not None:
         task = dataclasses.replace(task, num_iterations=args.num_iterations)
-    chosen = [(key, flag, value) for key, flag, value in (("it", "--num-iterations", args.num_iterations),
-                                                           ("lr", "--lr", args.lr), ("eta", "--eta", args.eta))
-              if value is not None]
-    name = "-".join([args.task] + [f"{key}{value:g}" for key, _, value in chosen])
-    return name, task, [x for _, flag, value in chosen if flag != "--num-iterations" for x in (flag, value)]
+    chosen = {key: value for key, value in (("it", args.num_iterations), ("lr", args.lr), ("eta", args.eta))
+              if value is not None}
+    name = "-".join([args.task] + [f"{key}{value:g}" for key, value in chosen.items()])
+    return name, task, {f"--{key}": value for key, value in chosen.items() if key != "it"}
 
 
-def train_command(algorithm: str, task: Task, seed: int, run_dir: str, extra: tuple = ()) -> list[str]:
-    """The training command of one run: the script, the task, the shared budget, the seed and the folder; `extra`
-    flags (compare.py's --lr, --eta) at the end (--eta only for the scripts that have it)."""
-    if algorithm not in ("rebel", *MULTI_TURN) and "--eta" in extra:
-        extra = extra[:extra.index("--eta")] + extra[extra.index("--eta") + 2:]
+def train_command(algorithm: str, task: Task, seed: int, run_dir: str, extra: dict | None = None) -> list[str]:
+    """The training command of one run: the script, the task, the shared budget, the seed and the folder; then the
+    `extra` flags ({"--lr": 3e-6, "--eta": 0.1}; --eta only where the script has it: REBEL, REFUEL)."""
+    extra = [x for flag, value in (extra or {}).items() if flag != "--eta" or algorithm in ("rebel", *MULTI_TURN)
+             for x in (flag, value)]
     if algorithm in MULTI_TURN:
         flags = ["--num-iterations", task.num_iterations, "--batch-size", task.batch_size,
                  "--num-eval-prompts", task.num_eval_prompts]
@@ -199,13 +198,13 @@ def record(algorithm: str, task_name: str, seed: int, run_dir: str) -> dict:
             "curve": curve(run_dir), "run_dir": run_dir}
 
 
-def run_all(args: Args, name: str, task: Task, extra: list, algorithms: list[str]) -> list[dict]:
+def run_all(args: Args, name: str, task: Task, extra: dict, algorithms: list[str]) -> list[dict]:
     """Every (algorithm, seed) run not finished yet, one after another; the results file rewritten after each."""
     results, path = [], os.path.join(args.results_dir, f"{name}.json")
     for algorithm in algorithms:
         for seed in args.seeds:
             run_dir = os.path.join(args.output_dir, name, f"{algorithm}-{seed}")
-            command = train_command(algorithm, task, seed, run_dir, tuple(extra))
+            command = train_command(algorithm, task, seed, run_dir, extra)
             if final_metrics(run_dir) is None:
                 seconds = run(command)
                 with open(os.path.join(run_dir, "seconds.json"), "w") as f:
@@ -219,13 +218,13 @@ def run_all(args: Args, name: str, task: Task, extra: list, algorithms: list[str
     return results
 
 
-def dry_run(args: Args, name: str, task: Task, extra: list, algorithms: list[str]):
+def dry_run(args: Args, name: str, task: Task, extra: dict, algorithms: list[str]):
     """Print every command the comparison would run, marking runs that are already finished."""
     for algorithm in algorithms:
         for seed in args.seeds:
             run_dir = os.path.join(args.output_dir, name, f"{algorithm}-{seed}")
             done = "  # finished: skipped" if final_metrics(run_dir) is not None else ""
-            print("python " + " ".join(map(str, train_command(algorithm, task, seed, run_dir, tuple(extra)))) + done)
+            print("python " + " ".join(map(str, train_command(algorithm, task, seed, run_dir, extra))) + done)
             if args.task != "multiturn":
                 print("python " + " ".join(map(str, kl_command(task, run_dir))))
 

@@ -251,15 +251,15 @@ def test_compare_settings_name_their_runs_and_reach_every_algorithm_alike():
     """--num-iterations / --lr / --eta: a comparison of its own name (never mixed with the budget's runs), the same
     setting for every algorithm (eta only where a script has it), and nothing added without them."""
     compare = load_compare()
-    assert compare.setting(compare.Args(task="multiturn")) == ("multiturn", compare.TASKS["multiturn"], [])
+    assert compare.setting(compare.Args(task="multiturn")) == ("multiturn", compare.TASKS["multiturn"], {})
     name, task, extra = compare.setting(compare.Args(task="multiturn", num_iterations=12, lr=3e-6, eta=0.1))
-    assert name == "multiturn-it12-lr3e-06-eta0.1" and task.num_iterations == 12 and extra == ["--lr", 3e-6,
-                                                                                              "--eta", 0.1]
+    assert name == "multiturn-it12-lr3e-06-eta0.1" and task.num_iterations == 12
+    assert extra == {"--lr": 3e-6, "--eta": 0.1}
     for algorithm in compare.MULTI_TURN:
-        command = compare.train_command(algorithm, task, 1, "runs/x", tuple(extra))
+        command = compare.train_command(algorithm, task, 1, "runs/x", extra)
         assert (flag(command, "--num-iterations"), flag(command, "--lr"), flag(command, "--eta")) == \
             ("12", "3e-06", "0.1")
     name, task, extra = compare.setting(compare.Args(task="sorting", lr=3e-6, eta=0.1))
-    commands = {a: compare.train_command(a, task, 1, "runs/x", tuple(extra)) for a in compare.SINGLE_TURN}
+    commands = {a: compare.train_command(a, task, 1, "runs/x", extra) for a in compare.SINGLE_TURN}
     assert name == "sorting-lr3e-06-eta0.1" and all(flag(c, "--lr") == "3e-06" for c in commands.values())
     assert [a for a, c in commands.items() if flag(c, "--eta") is not None] == ["rebel"]
