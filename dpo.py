@@ -200,7 +200,7 @@ def main(args: Args):
     if not args.lora_r:  # loaded as the policy: KL 0 at step 0
         reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
     policy = common.wrap(policy, device, dtype, args.fsdp, args.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps, fused=True)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
     start, saved = 0, {}

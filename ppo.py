@@ -350,7 +350,7 @@ def main(args: Args):
     reference = None  # with LoRA, pi_ref is the policy with its adapter off (common.as_reference)
     if not args.lora_r:  # loaded as the policy: KL 0 at step 0
         reference = common.wrap(common.load_model(args.model, device).requires_grad_(False), device, dtype, args.fsdp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps, fused=True)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
     start, saved = 0, {}

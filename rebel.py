@@ -261,7 +261,7 @@ def main(args: Args):
                          args.gradient_checkpointing)
     reference = None if args.lora_r else common.wrap(common.load_model(args.model, device).requires_grad_(False),
                                                      device, dtype, args.fsdp)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps, fused=True)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_passes * args.num_minibatches)
     start, saved = 0, {}

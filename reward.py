@@ -164,7 +164,7 @@ def main(args: Args):
 
     reward_model = common.load_model(args.model, device, cls=AutoModelForSequenceClassification, num_labels=1)
     model = common.wrap(LastTokenScore(reward_model), device, dtype, args.fsdp, args.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps, fused=True)
     num_steps = max(1, int(args.num_epochs * len(train_rows)) // args.batch_size)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio, num_steps)
     start, saved = 0, {}

@@ -115,12 +115,12 @@ def run_one(args: Args, name: str) -> dict:
     reference = common.load_model(args.model, device).requires_grad_(False)  # as in the scripts: fp32 under amp
     if name in ("rebel", "dpo"):  # as in rebel.main and dpo.main: the policy beside the frozen reference
         model = common.load_model(args.model, device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=script_args.lr, eps=script_args.adam_eps)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=script_args.lr, eps=script_args.adam_eps, fused=True)
         scheduler = common.make_scheduler(optimizer, "linear", 0.0,
                                           script_args.num_iterations * args.num_passes * args.num_minibatches)
     else:  # as in ppo.main
         model = ppo.PolicyAndValue(common.load_model(args.model, device), ppo.load_value_model(script_args, device))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=script_args.lr, eps=script_args.adam_eps)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=script_args.lr, eps=script_args.adam_eps, fused=True)
         scheduler = common.make_scheduler(optimizer, "linear", 0.0,
                                           script_args.num_iterations * args.num_passes * args.num_minibatches)
     batches = common.prompt_batches(train_rows, prompts, args.seed)

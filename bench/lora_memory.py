@@ -39,7 +39,7 @@ def one(lora_r: int, a) -> dict:
     rows = common.tokenize_prompts(train_rows.select(range(a.batch_size * a.iterations)), tokenizer, 512).to_list()
     policy = common.wrap(common.load_model(args.model, device, lora=args), device, dtype)
     reference = None if lora_r else common.load_model(args.model, device).requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps, fused=True)
     scheduler = common.make_scheduler(optimizer, "constant", 0.0, 10 ** 6)
     start = time.perf_counter()
     for i in range(a.iterations):

@@ -46,7 +46,7 @@ local = {key: value[torch.cat([mine, mine + pairs])] for key, value in batch.ite
 
 args = rebel.Args(batch_size=pairs, num_passes=2, num_minibatches=1, grad_accum_steps=2, lr=1e-2, temperature=0.7)
 policy = common.wrap(policy, device, torch.float32, fsdp=fsdp, gradient_checkpointing=fsdp)
-optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps)
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, eps=args.adam_eps, fused=True)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 torch.manual_seed(rank)
 rebel.update(policy, optimizer, scheduler, local, args, common.precision("float32", device)[1])
@@ -81,7 +81,7 @@ if fsdp:  # every rank's counts, in rank order
 torch.manual_seed(0)  # the adapters' random A, the same in every run and on every rank
 lora = common.load_model(model_dir, device, lora=rebel.Args(lora_r=4))
 lora = common.wrap(lora, device, torch.float32, fsdp=fsdp)
-optimizer = torch.optim.AdamW(lora.parameters(), lr=args.lr, eps=args.adam_eps)
+optimizer = torch.optim.AdamW(lora.parameters(), lr=args.lr, eps=args.adam_eps, fused=True)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 torch.manual_seed(rank)
 rebel.update(lora, optimizer, scheduler, local, args, common.precision("float32", device)[1])

@@ -59,7 +59,7 @@ def main(model_dir: str, out_dir: str, fsdp: bool = False):
     batch = {k: v[rank::world] for k, v in full.items()}
     batch |= ppo.advantages_and_returns(batch, args)
     model = common.wrap(model, device, torch.float32, fsdp=fsdp, gradient_checkpointing=fsdp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps, fused=True)
     scheduler = common.make_scheduler(optimizer, args.lr_schedule, args.warmup_ratio,
                                       args.num_iterations * args.num_ppo_epochs * args.num_minibatches)
     torch.manual_seed(1000 + rank)  # the minibatch order is drawn per rank
