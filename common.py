@@ -50,6 +50,12 @@ SORTING_PREFERENCES = "sorting-preferences"  # its questions as chosen (sorted) 
 GENERATION_BACKEND = "auto"  # how `generate` samples unless told otherwise; `setup` sets it from --generation-backend
 STATIC_BUCKET = 64  # the static backend left-pads prompts to a multiple of this, so its compiled shapes recur
 LOGPROB_CHUNK = 2 ** 24  # logits per chunk of the log-softmax in `logprobs`: 64 MB in float32
+# Rows sharing a prompt run it once (`group`) when that saves at least this many tokens of forward: below it, the second
+# forward's fixed cost (every weight read once more) outweighs the saving (break-even near 100 tokens on 2 CPU cores).
+SHARED_QUERY_MIN_TOKENS = 128
+# The keyword (and output field) transformers gives the KV cache: `past_key_values` until 5.2x, `cache` since.
+CACHE = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ else \
+    "past_key_values"
 
 
 def fail(message: str):
@@ -621,7 +627,8 @@ def has_eos(responses: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.T
 
 @torch.no_grad()
 def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
-             temperature: float, batch_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+             temperature: float, batch_size: int | None = None, backend: str | None = None,
+             group: int = 1) -> torch.Tensor:
     """Sample responses [B, max_new_tokens] from softmax(logits / T) exactly (top_k=0, top_p=1), cut after the
     first EOS, in calls of `batch_size` sequences (--generation-batch-size: bounds the KV cache; None: all at
     once). temperature 0 decodes greedily. Under FSDP2 the model is held whole meanwhile (`gathered`).
@@ -630,15 +637,21 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
     repetition_penalty, min_p, suppress_tokens, min_new_tokens, ...), and then samples would not come from the
     distribution every log-prob assumes. So the model's config is swapped for a blank one during the call.
 
-    backend (--generation-backend; None: the process's, GENERATION_BACKEND): "dynamic" is plain `generate`, whose
-    KV cache grows by a copy at every step. "static" preallocates the cache for prompt + max_new_tokens and, on a
-    GPU, transformers compiles the one-token decoding step and replays it as a CUDA graph (the first call per shape
-    compiles: 20-35 s for Pythia-1B on an H200): the same forward and the same sampler, so the same distribution. Its prompts are left-padded
-    to a multiple of STATIC_BUCKET tokens (masked, positions from the mask: nothing changes but the shape), so
-    iterations reuse the compiled shapes. Under autocast over fp32 weights (the scripts' bf16 on a GPU) it samples
-    from a bf16 copy of the weights (`sampling_copy`), as an inference engine would: the same model at the precision
-    autocast computes in; a LoRA model samples dynamic there (a copy would not follow its adapter being switched off
-    for pi_ref). "auto": static on a GPU (not under FSDP2, not LoRA under autocast), dynamic otherwise."""
+    backend (--generation-backend; None: the process's, GENERATION_BACKEND): "dynamic" is plain `generate`, whose KV
+    cache grows by a copy at every step. "static" preallocates the cache for prompt + max_new_tokens and, on a GPU,
+    transformers compiles the one-token decoding step and replays it as a CUDA graph (the first call per shape
+    compiles: 20-35 s for Pythia-1B on an H200): the same forward and the same sampler, so the same distribution.
+    Its prompts are left-padded to a multiple of STATIC_BUCKET tokens (masked, positions from the mask: nothing
+    changes but the shape), so iterations reuse the compiled shapes. Under autocast over fp32 weights (the scripts'
+    bf16 on a GPU) it samples from a bf16 copy of the weights (`sampling_copy`), as an inference engine would: the
+    same model at the precision autocast computes in; a LoRA model samples dynamic there (a copy would not follow
+    its adapter being switched off for pi_ref). "auto": static on a GPU (not under FSDP2, not LoRA under autocast),
+    dynamic otherwise.
+
+    group > 1: rows j*b + i (j < group) hold the same prompt i, a prompt's samples as the scripts lay them out. The
+    dynamic backend then prefills each prompt once and repeats its KV cache for its rows (`query_cache`; where that
+    saves SHARED_QUERY_MIN_TOKENS or more): the same logits up to float rounding, so the same distribution; a call of
+    batch_size sequences holds whole groups."""
     backend, kind, lora = backend or GENERATION_BACKEND, query.device.type, hasattr(unwrap(model), "peft_config")
     cast = torch.is_autocast_enabled(kind) and next(model.parameters()).dtype != torch.get_autocast_dtype(kind)
     if backend == "auto" or backend == "static" and cast and lora:  # no bf16 copy of a LoRA model: its adapter
@@ -648,7 +661,7 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
         dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **sampling)
-    model, responses = unwrap(model), [query.new_full((0, max_new_tokens), tokenizer.pad_token_id)]
+    model, responses = unwrap(model), query.new_full((len(query), max_new_tokens), tokenizer.pad_token_id)
     precision = contextlib.nullcontext()
     if backend == "static":
         config.cache_implementation = "static"
@@ -660,15 +673,21 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
     try:
         model.eval()  # gradient checkpointing (train mode only) would drop the KV cache
         with gathered(model), precision:
-            for i in range(0, len(query), batch_size or max(len(query), 1)):
-                out = model.generate(input_ids=query[i:i + (batch_size or len(query))], generation_config=config,
-                                     attention_mask=query_mask[i:i + (batch_size or len(query))], synced_gpus=False)
-                responses.append(F.pad(out[:, query.shape[1]:], (0, max_new_tokens - (out.shape[1] - query.shape[1])),
-                                       value=tokenizer.pad_token_id))
+            per = max(1, (batch_size or len(query)) // group)  # prompts per call, each with its group's rows
+            prompts = torch.arange(len(query), device=query.device).view(group, -1)  # column i: prompt i's rows
+            for start in range(0, prompts.shape[1], per):
+                rows, cache = prompts[:, start:start + per].flatten(), {}
+                fewer = (group - 1) * len(rows) // group * (query.shape[1] - 1)  # tokens the shared prefill spares
+                if group > 1 and backend == "dynamic" and fewer >= SHARED_QUERY_MIN_TOKENS:  # the prompts' prefill once
+                    cache = {CACHE: query_cache(model, query[rows, :-1], query_mask[rows, :-1], group)[1]}
+                out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=config,
+                                     synced_gpus=False, **cache)
+                responses[rows] = F.pad(out[:, query.shape[1]:], (0, max_new_tokens - (out.shape[1] - query.shape[1])),
+                                        value=tokenizer.pad_token_id)
     finally:
         model.generation_config = saved
         model.train(training)
-    return cut_after_eos(torch.cat(responses), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 _SAMPLING_COPIES = weakref.WeakKeyDictionary()
@@ -699,7 +718,7 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
 
 def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
              response_mask: torch.Tensor, temperature: float, micro_batch: int | None = None,
-             entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             entropy: bool = False, group: int = 1) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """ln pi(response_t | query, response_<t) at temperature T for every response token, 0 off the mask ([B, R]);
     sum over dim 1 for a sequence's log-prob. entropy=True also returns each position's entropy (a statistic: no
     gradient). With micro_batch, a no-grad pass in forwards of that many sequences (old and reference log-probs).
@@ -707,17 +726,34 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
     One forward of query + response: position ids come from the attention mask, so left padding does not shift
     positions, and only the last R+1 positions go through the LM head (logits_to_keep). The log-softmax runs over
     chunks of positions in float32 (the backward recomputes each chunk), so no float32 copy of the whole
-    [B, R, vocab] logits ever exists: at a 128k vocabulary that copy is 4 GB for 4 sequences of 2k tokens."""
+    [B, R, vocab] logits ever exists: at a 128k vocabulary that copy is 4 GB for 4 sequences of 2k tokens.
+
+    group > 1: rows j*b + i (j < group) hold the same query i, as the scripts lay out a prompt's samples. Each query
+    then goes through the model once, and its KV cache serves its group's responses (`shared_query_logits`), where
+    that saves at least SHARED_QUERY_MIN_TOKENS tokens of forward."""
     if micro_batch is not None:  # no-grad passes (rollouts, evaluation), micro_batch sequences per forward
-        with torch.no_grad(), gathered(model):
-            parts = [logprobs(model, query[i:i + micro_batch], query_mask[i:i + micro_batch],
-                              response[i:i + micro_batch], response_mask[i:i + micro_batch], temperature, None, entropy)
-                     for i in range(0, len(query), micro_batch)]
-        return tuple(torch.cat(p) for p in zip(*parts)) if entropy else torch.cat(parts)
-    ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                logits_to_keep=response.shape[1] + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # the shift: the logits at position t predict response[:, t]
+        b, per = len(query) // group, max(1, micro_batch // group)  # a forward holds whole groups
+        prompts = torch.arange(len(query), device=query.device).view(group, b)  # column i: prompt i's rows
+        chunks = [prompts[:, start:start + per].flatten() for start in range(0, b, per)]
+        training = model.training
+        model.eval()  # transformers' checkpointing (train mode) would drop the cache `group` shares; dropout is 0
+        try:
+            with torch.no_grad(), gathered(model):
+                parts = [logprobs(model, query[i], query_mask[i], response[i], response_mask[i], temperature, None,
+                                  entropy, group) for i in chunks]
+        finally:
+            model.train(training)
+        order = torch.cat(chunks).argsort()  # back to the caller's row order
+        return tuple(torch.cat(p)[order] for p in zip(*parts)) if entropy else torch.cat(parts)[order]
+    checkpointed = model.training and any(  # transformers' checkpointing drops the KV cache (in train mode)
+        getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
+    if group > 1 and not checkpointed and (group - 1) * len(query) // group * query.shape[1] >= SHARED_QUERY_MIN_TOKENS:
+        logits = shared_query_logits(model, query, query_mask, response, response_mask, group)
+    else:
+        ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    logits_to_keep=response.shape[1] + 1, use_cache=False)
+        logits = out.logits[:, :-1]  # the shift: the logits at position t predict response[:, t]
     step = max(1, LOGPROB_CHUNK // (logits.shape[0] * logits.shape[2]))  # positions per chunk
     logp, entropies = [], []
     for t in range(0, logits.shape[1], step):
@@ -733,6 +769,36 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
                 entropies.append(torch.logsumexp(scaled, -1) - (torch.softmax(scaled, -1) * scaled).sum(-1))
     logp = torch.cat(logp, 1) * response_mask
     return (logp, torch.cat(entropies, 1)) if entropy else logp
+
+
+def shared_query_logits(model, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                        response_mask: torch.Tensor, group: int) -> torch.Tensor:
+    """The logits [B, R, vocab] that predict each response token, with rows j*b + i sharing query i: the b queries
+    go through the model once (use_cache: their keys and values), the cache is repeated for the group's rows, and
+    the responses go through on top of it. The same numbers as one forward of each query + response, up to float
+    rounding, for (R + Q/group)/(R + Q) of the work: REBEL's pair on a 500-token TL;DR post and a 53-token summary
+    costs 0.55x. Gradients flow into the queries' forward through the cache. The queries' forward bypasses a DDP
+    wrapper (two DDP forwards before one backward fail); the backward still all-reduces every gradient."""
+    first_logits, cache = query_cache(unwrap(model), query, query_mask, group)
+    mask = torch.cat([query_mask, response_mask], 1)
+    out = model(input_ids=response, attention_mask=mask, position_ids=(mask.cumsum(1) - 1)[:, query.shape[1]:],
+                logits_to_keep=response.shape[1], use_cache=True, **{CACHE: cache})
+    return torch.cat([first_logits.repeat(group, 1, 1), out.logits[:, :-1]], 1)
+
+
+def query_cache(model, query: torch.Tensor, query_mask: torch.Tensor, group: int):
+    """Rows j*b + i (j < group) hold the same query i: run the b queries through `model` once and return their
+    logits at the last position ([b, 1, vocab]) and their KV cache, repeated so that row j*b + i holds query i's."""
+    b = len(query) // group
+    if group * b != len(query) or not torch.equal(query.view(group, b, -1), query[:b].expand(group, -1, -1)):
+        raise ValueError(f"group={group}: rows j*b + i must hold the same query i")
+    out = model(input_ids=query[:b], attention_mask=query_mask[:b], logits_to_keep=1, use_cache=True,
+                position_ids=(query_mask[:b].cumsum(1) - 1).clamp(min=0))
+    cache = getattr(out, CACHE)
+    if cache is None or cache.get_seq_length() != query.shape[1]:  # never score responses without their prompt
+        raise RuntimeError("the model returned no KV cache for the shared prompts (checkpointing in train mode?)")
+    cache.reorder_cache(torch.arange(b, device=query.device).repeat(group))  # index_select: gradients flow back
+    return out.logits, cache
 
 
 # ---- Rewards: a reward model or a Python function, and the no-EOS penalty --------------------------------------

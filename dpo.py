@@ -164,8 +164,10 @@ def pair_batch(rows: list[dict], tokenizer, device) -> dict:
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """Sum of the response tokens' log-probs at temperature 1 (chosen rows first, then rejected)."""
-    return common.logprobs(model, batch["query"], batch["query_mask"], batch["responses"], batch["mask"], 1.0).sum(1)
+    """Sum of the response tokens' log-probs at temperature 1 (chosen rows first, then rejected; the two share
+    their prompt's forward: group=2)."""
+    return common.logprobs(model, batch["query"], batch["query_mask"], batch["responses"], batch["mask"], 1.0,
+                           group=2).sum(1)
 
 
 def pair_stats(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:

@@ -168,7 +168,7 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
     with amp():
         if args.mu in ("policy", "best-of-n"):
             responses = common.generate(policy, tokenizer, query, query_mask, args.max_new_tokens, args.temperature,
-                                        args.generation_batch_size)
+                                        args.generation_batch_size, group=n)  # a prompt's prefill once for its n
         else:
             y = common.generate(policy, tokenizer, query[:b], query_mask[:b], args.max_new_tokens, args.temperature,
                                 args.generation_batch_size)
@@ -181,9 +181,11 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
                                           tokenizer.pad_token_id, device, tokenizer.eos_token_id)
             responses = torch.cat([y, y_pair])
         mask = common.eos_mask(responses, tokenizer.eos_token_id)
-        logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature, args.micro_batch_size)
+        logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature, args.micro_batch_size,
+                                   group=n)  # each prompt through the model once, its KV cache shared by its n
         with common.as_reference(policy, reference) as ref:
-            logp_ref = common.logprobs(ref, query, query_mask, responses, mask, args.temperature, args.micro_batch_size)
+            logp_ref = common.logprobs(ref, query, query_mask, responses, mask, args.temperature, args.micro_batch_size,
+                                       group=n)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
     scores = score(rows * n, texts)
@@ -226,7 +228,8 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
                 both = torch.cat([i, i + b])  # y rows, then their y' rows
                 with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), amp():
                     logp = common.logprobs(policy, batch["query"][both], batch["query_mask"][both],
-                                           batch["responses"][both], batch["mask"][both], args.temperature).sum(1)
+                                           batch["responses"][both], batch["mask"][both], args.temperature,
+                                           group=2).sum(1)  # y and y' share their prompt's forward
                     logp_ratio = logp - batch["logp_old"][both]
                     loss = rebel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
                                       batch["rewards"][i], batch["rewards"][i + b], args.eta, keep[i], kept)

@@ -370,12 +370,12 @@ def rollout(policy, reference, tokenizer, user, score, rows: list[dict], args: A
                                                       args.max_new_tokens, device)
     with amp():
         logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature,
-                                   args.micro_batch_size).sum(1)
+                                   args.micro_batch_size, group=2).sum(1)  # s_h through the model once for a, a'
         kl = torch.zeros_like(logp_old)
         if args.kl_coef:
             with common.as_reference(policy, reference) as ref:
                 kl = logp_old - common.logprobs(ref, query, query_mask, responses, mask, args.temperature,
-                                                args.micro_batch_size).sum(1)
+                                                args.micro_batch_size, group=2).sum(1)
     keep = torch.tensor([a != a_pair for a, a_pair in zip(answers[:b], answers[b:])], device=device).float()
     return dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old,
                 scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, keep=keep, ended=ended.float(),
@@ -417,7 +417,8 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
                 both = torch.cat([i, i + b])  # a rows, then their a' rows
                 with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), amp():
                     logp = common.logprobs(policy, batch["query"][both], batch["query_mask"][both],
-                                           batch["responses"][both], batch["mask"][both], args.temperature).sum(1)
+                                           batch["responses"][both], batch["mask"][both], args.temperature,
+                                           group=2).sum(1)  # a and a' share s_h's forward
                     logp_ratio = logp - batch["logp_old"][both]
                     loss = refuel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
                                        batch["rewards"][i], batch["rewards"][i + b], args.eta, batch["keep"][i], kept)

@@ -27,6 +27,8 @@ rank, world, device = common.setup(seed=0)
 tokenizer = common.load_tokenizer(model_dir)
 policy = common.load_model(model_dir, device)
 
+common.SHARED_QUERY_MIN_TOKENS = 0  # these prompts are short: share them anyway, so DDP and FSDP2 run that path
+
 # The same global batch on every rank: 8 prompts of different lengths, two responses each, fixed rewards.
 pairs, width = 8, 6
 generator = torch.Generator().manual_seed(0)

@@ -62,6 +62,7 @@ if __name__ == "__main__":
     gpt2_dir, llama_dir, reward_dir, out_dir = sys.argv[1:5]
     rank, world, device = common.setup(seed=0)
     amp = common.precision("float32", device)[1]
+    common.SHARED_QUERY_MIN_TOKENS = 0  # these prompts are short: share them anyway, so FSDP2 runs that path
     result = {"ppo_plus": ppo_plus_part(gpt2_dir, reward_dir, rank, device, amp),
               "refuel": refuel_part(llama_dir, rank, device, amp)}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -59,6 +59,82 @@ def test_logprobs_match_hand_computation_and_ignore_padding(fixture, request):
     assert entropy[0, 0].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-4)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_a_group_of_samples_shares_its_prompts_forward_with_the_same_numbers(fixture, request, monkeypatch):
+    """group=n (rows j*b + i hold prompt i, as the scripts lay out a prompt's n samples): each prompt goes through
+    the model once and its KV cache serves its n responses. Log-probs, entropies, gradients and sampled tokens are
+    those of the plain path; the embedding sees b*Q fewer tokens per extra sample; under gradient checkpointing
+    (which drops the cache), or where fewer than SHARED_QUERY_MIN_TOKENS would be saved, the plain path runs; rows
+    that do not share their prompt are refused."""
+    path = request.getfixturevalue(fixture)
+    model, tokenizer = common.load_model(path, CPU), common.load_tokenizer(path)
+    eos, b, n, width = tokenizer.eos_token_id, 3, 2, 7
+    prompts = [tokenizer(text)["input_ids"] for text in ("What is 1 + 2?", "Hi", "Sort 3 1 2")]
+    query, query_mask = common.left_pad(prompts * n, tokenizer.pad_token_id)
+    response = torch.randint(10, len(tokenizer), (b * n, width), generator=torch.Generator().manual_seed(0))
+    response[1, 3] = eos  # one response ends early: its padding must count zero either way
+    response = common.cut_after_eos(response, eos, tokenizer.pad_token_id)
+    mask = common.eos_mask(response, eos)
+    tokens = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
+
+    def run(group: int, **kwargs):
+        tokens.clear()
+        out = common.logprobs(model, query, query_mask, response, mask, 0.7, group=group, **kwargs)
+        return out, sum(tokens)
+
+    with torch.no_grad():
+        (plain, plain_entropy), plain_tokens = run(1, micro_batch=4, entropy=True)
+        assert run(n)[1] == plain_tokens  # these prompts are short: sharing would save under 128 tokens
+    monkeypatch.setattr(common, "SHARED_QUERY_MIN_TOKENS", b * query.shape[1] - 1)  # all three prompts: just enough
+    with torch.no_grad():
+        assert run(n, micro_batch=4)[1] == plain_tokens  # 2 prompts a forward save too little: each row whole
+        assert run(n)[1] == b * (query.shape[1] + n * width)  # all 3 in one forward save enough: shared
+    monkeypatch.setattr(common, "SHARED_QUERY_MIN_TOKENS", 0)
+    with torch.no_grad():
+        (shared, entropy), shared_tokens = run(n, micro_batch=4, entropy=True)  # forwards of 2 prompts x 2 rows
+        one_prompt_each = run(n, micro_batch=3)[0]  # 3 // 2: forwards of 1 prompt x 2 rows
+    assert plain_tokens == b * n * (query.shape[1] + width) and shared_tokens == b * (query.shape[1] + n * width)
+    assert torch.allclose(shared, plain, atol=1e-5) and torch.allclose(one_prompt_each, plain, atol=1e-5)
+    assert torch.allclose(entropy, plain_entropy, atol=1e-5) and (shared[1, 4:] == 0).all()
+    weights = torch.randn(b * n, width)  # a loss with every row and position weighted differently
+
+    def gradients(group: int) -> torch.Tensor:
+        model.zero_grad()
+        (run(group)[0] * weights).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    model.train()
+    plain_grad = gradients(1)
+    assert torch.allclose(gradients(n), plain_grad, atol=1e-5 * plain_grad.abs().max().item())
+    model = common.wrap(model, CPU, torch.float32, gradient_checkpointing=True)  # no cache: each row whole
+    assert torch.allclose(gradients(n), plain_grad, atol=1e-5 * plain_grad.abs().max().item())
+    assert sum(tokens) == plain_tokens
+    with torch.no_grad():  # a no-grad pass runs in eval mode, where the cache survives checkpointing: shared
+        assert torch.allclose(run(n, micro_batch=6)[0], plain, atol=1e-5) and sum(tokens) == shared_tokens
+    assert model.training  # and the model is back in train mode
+    with pytest.raises(RuntimeError, match="no KV cache"):  # the cache dropped: refused, not scored without prompts
+        common.query_cache(model, query, query_mask, n)
+    model.eval()
+    shuffled = torch.tensor([0, 1, 2, 4, 5, 3])  # row 3 now holds prompt 1, not prompt 0
+    with pytest.raises(ValueError, match="group=2"):
+        common.logprobs(model, query[shuffled], query_mask[shuffled], response, mask, 0.7, group=n)
+
+    # Sampling: the same tokens for the same seed; the prompt's prefill (all but its last token) runs once.
+    steps, config = 12, model.generation_config
+    sampled = {}
+    for group in (1, n):
+        torch.manual_seed(0)
+        tokens.clear()
+        sampled[group] = common.generate(model, tokenizer, query, query_mask, steps, 1.0, group=group)
+        sampled[f"tokens{group}"] = sum(tokens)
+    assert torch.equal(sampled[n], sampled[1]) and model.generation_config is config  # the model's own, restored
+    assert len(set(map(tuple, sampled[1].tolist()))) == b * n  # sampled, distinct: not a trivial match
+    assert sampled["tokens1"] - sampled[f"tokens{n}"] == b * (query.shape[1] - 1)
+    greedy = common.generate(model, tokenizer, query, query_mask, steps, 0.0, batch_size=4, group=n)
+    assert torch.equal(greedy, common.generate(model, tokenizer, query, query_mask, steps, 0.0))
+
+
 def test_eos_cut_mask_and_penalty():
     eos, pad = 3, 0
     responses = torch.tensor([[5, 6, 3, 7, 3], [5, 6, 7, 8, 9], [3, 4, 4, 4, 4]])

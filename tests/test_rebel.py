@@ -213,12 +213,12 @@ def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
 def run_worker(nproc: int, model: str, out: str, *mode: str):
     worker = os.path.join(ROOT, "tests", "ddp_worker.py")
     if nproc == 1:  # in this process (no torchrun start-up), as `python tests/ddp_worker.py MODEL OUT` would run
-        argv = sys.argv
+        argv, min_tokens = sys.argv, common.SHARED_QUERY_MIN_TOKENS  # (the worker lowers the latter)
         sys.argv = [worker, model, out, *mode]
         try:
             runpy.run_path(worker, run_name="__main__")
         finally:
-            sys.argv = argv
+            sys.argv, common.SHARED_QUERY_MIN_TOKENS = argv, min_tokens
         return torch.load(out)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={free_port()}",
            worker, model, out, *mode]
