@@ -669,14 +669,11 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
         query, query_mask = F.pad(query, (extra, 0), value=tokenizer.pad_token_id), F.pad(query_mask, (extra, 0))
         if cast:
             model, precision = sampling_copy(model, torch.get_autocast_dtype(kind)), torch.autocast(kind, enabled=False)
-    saved, training, model.generation_config = model.generation_config, model.training, GenerationConfig()
+    saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        model.eval()  # gradient checkpointing (train mode only) would drop the KV cache
-        with gathered(model), precision:
-            per = max(1, (batch_size or len(query)) // group)  # prompts per call, each with its group's rows
-            prompts = torch.arange(len(query), device=query.device).view(group, -1)  # column i: prompt i's rows
-            for start in range(0, prompts.shape[1], per):
-                rows, cache = prompts[:, start:start + per].flatten(), {}
+        with eval_mode(model), gathered(model), precision:
+            for rows in group_chunks(len(query), group, batch_size or len(query), query.device):
+                cache = {}
                 fewer = (group - 1) * len(rows) // group * (query.shape[1] - 1)  # tokens the shared prefill spares
                 if group > 1 and backend == "dynamic" and fewer >= SHARED_QUERY_MIN_TOKENS:  # the prompts' prefill once
                     cache = {CACHE: query_cache(model, query[rows, :-1], query_mask[rows, :-1], group)[1]}
@@ -686,7 +683,6 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
                                         value=tokenizer.pad_token_id)
     finally:
         model.generation_config = saved
-        model.train(training)
     return cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
@@ -732,17 +728,10 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
     then goes through the model once, and its KV cache serves its group's responses (`shared_query_logits`), where
     that saves at least SHARED_QUERY_MIN_TOKENS tokens of forward."""
     if micro_batch is not None:  # no-grad passes (rollouts, evaluation), micro_batch sequences per forward
-        b, per = len(query) // group, max(1, micro_batch // group)  # a forward holds whole groups
-        prompts = torch.arange(len(query), device=query.device).view(group, b)  # column i: prompt i's rows
-        chunks = [prompts[:, start:start + per].flatten() for start in range(0, b, per)]
-        training = model.training
-        model.eval()  # transformers' checkpointing (train mode) would drop the cache `group` shares; dropout is 0
-        try:
-            with torch.no_grad(), gathered(model):
-                parts = [logprobs(model, query[i], query_mask[i], response[i], response_mask[i], temperature, None,
-                                  entropy, group) for i in chunks]
-        finally:
-            model.train(training)
+        chunks = group_chunks(len(query), group, micro_batch, query.device)
+        with torch.no_grad(), eval_mode(model), gathered(model):  # eval: the cache `group` shares survives
+            parts = [logprobs(model, query[i], query_mask[i], response[i], response_mask[i], temperature, None, entropy,
+                              group) for i in chunks]
         order = torch.cat(chunks).argsort()  # back to the caller's row order
         return tuple(torch.cat(p)[order] for p in zip(*parts)) if entropy else torch.cat(parts)[order]
     checkpointed = model.training and any(  # transformers' checkpointing drops the KV cache (in train mode)
@@ -784,6 +773,26 @@ def shared_query_logits(model, query: torch.Tensor, query_mask: torch.Tensor, re
     out = model(input_ids=response, attention_mask=mask, position_ids=(mask.cumsum(1) - 1)[:, query.shape[1]:],
                 logits_to_keep=response.shape[1], use_cache=True, **{CACHE: cache})
     return torch.cat([first_logits.repeat(group, 1, 1), out.logits[:, :-1]], 1)
+
+
+def group_chunks(rows: int, group: int, size: int, device: torch.device) -> list[torch.Tensor]:
+    """Row indices of calls of about `size` rows that hold whole groups (rows j*b + i, j < group, share prompt i):
+    each call takes max(1, size // group) prompts with all their rows, in the same j*b + i order."""
+    prompts = torch.arange(rows, device=device).view(group, -1)  # column i: prompt i's rows
+    per = max(1, size // group)
+    return [prompts[:, start:start + per].flatten() for start in range(0, prompts.shape[1], per)]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the block, then as it was: transformers' gradient checkpointing (train mode only)
+    drops the KV cache that sampling and shared prompts need; dropout is 0 everywhere, so nothing else changes."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
 
 
 def query_cache(model, query: torch.Tensor, query_mask: torch.Tensor, group: int):
