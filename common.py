@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
-                          get_scheduler)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList, PreTrainedModel, get_scheduler)
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default --model; works offline through embedded.py
 ARITHMETIC = "arithmetic"  # name of the embedded dataset, generated in code by embedded.py
@@ -629,9 +629,10 @@ def has_eos(responses: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.T
 def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
              temperature: float, batch_size: int | None = None, backend: str | None = None,
              group: int = 1) -> torch.Tensor:
-    """Sample responses [B, max_new_tokens] from softmax(logits / T) exactly (top_k=0, top_p=1), cut after the
-    first EOS, in calls of `batch_size` sequences (--generation-batch-size: bounds the KV cache; None: all at
-    once). temperature 0 decodes greedily. Under FSDP2 the model is held whole meanwhile (`gathered`).
+    """Sample responses [B, max_new_tokens] from softmax(logits / T) exactly (no top-k, top-p or other processor:
+    `InverseCDFSampler` draws each token), cut after the first EOS, in calls of `batch_size` sequences
+    (--generation-batch-size: bounds the KV cache; None: all at once). temperature 0 decodes greedily. Under FSDP2 the
+    model is held whole meanwhile (`gathered`).
 
     transformers fills every field we leave unset from the model's own `generation_config` (a checkpoint's
     repetition_penalty, min_p, suppress_tokens, min_new_tokens, ...), and then samples would not come from the
@@ -657,10 +658,9 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
     if backend == "auto" or backend == "static" and cast and lora:  # no bf16 copy of a LoRA model: its adapter
         sharded = any(isinstance(m, FSDPModule) for m in unwrap(model).modules())  # switches (as_reference)
         backend = "static" if query.is_cuda and not sharded and not (cast and lora) else "dynamic"
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
-        dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, **sampling)
+                              pad_token_id=tokenizer.pad_token_id, do_sample=False)  # greedy over the sampler's pick
+    sampler = LogitsProcessorList([InverseCDFSampler(temperature)] if temperature > 0 else [])
     model, responses = unwrap(model), query.new_full((len(query), max_new_tokens), tokenizer.pad_token_id)
     precision = contextlib.nullcontext()
     if backend == "static":
@@ -678,12 +678,30 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
                 if group > 1 and backend == "dynamic" and fewer >= SHARED_QUERY_MIN_TOKENS:  # the prompts' prefill once
                     cache = {CACHE: query_cache(model, query[rows, :-1], query_mask[rows, :-1], group)[1]}
                 out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=config,
-                                     synced_gpus=False, **cache)
+                                     logits_processor=sampler, synced_gpus=False, **cache)
                 responses[rows] = F.pad(out[:, query.shape[1]:], (0, max_new_tokens - (out.shape[1] - query.shape[1])),
                                         value=tokenizer.pad_token_id)
     finally:
         model.generation_config = saved
     return cut_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+class InverseCDFSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(scores / T) and leaves only that token a finite score, so that
+    `generate`'s greedy step takes it: an exact sampler. One uniform u per row, the token at which the cumulative sum
+    (float64) of exp((scores - max) / T) first exceeds u times its total. torch.multinomial, which `do_sample`
+    uses, draws an exponential for every vocabulary entry instead: 60 ms a decoding step for 32 rows x 49k tokens on
+    2 CPU cores, against 5 ms here. Draws come from torch's default generator, so torch.manual_seed fixes them."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scaled = (scores - scores.max(-1, keepdim=True).values).div_(self.temperature)  # <= 0: exp cannot overflow
+        cdf = scaled.double().exp_().cumsum_(-1)
+        u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # right: never a 0-mass token
+        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
 
 
 _SAMPLING_COPIES = weakref.WeakKeyDictionary()

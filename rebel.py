@@ -158,7 +158,8 @@ def rebel_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_pair: torch.Tens
 @torch.no_grad()
 def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, amp) -> dict:
     """Two responses per prompt (--mu best-of-n: N, sample j of prompt i in row j*b + i), their pi_t and pi_ref
-    log-probs, and their KL-regularised rewards; best-of-n then keeps each prompt's best and worst.
+    log-probs, and their KL-regularised rewards; best-of-n then keeps each prompt's best and worst. With one optimizer
+    step per batch (`pi_t_in_update`) pi_t's log-probs, the KL and the rewards are left to update().
 
     Returns tensors with the y half first and the y' half second (2b rows); keep (b rows) is 0 for a dropped pair;
     sample_score is the mean score of every sampled response."""
@@ -181,24 +182,40 @@ def rollout(policy, reference, tokenizer, rows: list[dict], score, args: Args, a
                                           tokenizer.pad_token_id, device, tokenizer.eos_token_id)
             responses = torch.cat([y, y_pair])
         mask = common.eos_mask(responses, tokenizer.eos_token_id)
-        logp_old = common.logprobs(policy, query, query_mask, responses, mask, args.temperature, args.micro_batch_size,
-                                   group=n)  # each prompt through the model once, its KV cache shared by its n
         with common.as_reference(policy, reference) as ref:
             logp_ref = common.logprobs(ref, query, query_mask, responses, mask, args.temperature, args.micro_batch_size,
-                                       group=n)
+                                       group=n)  # each prompt through the model once, its KV cache shared by its n
+        logp_old = None if pi_t_in_update(args) else common.logprobs(
+            policy, query, query_mask, responses, mask, args.temperature, args.micro_batch_size, group=n)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = common.has_eos(responses, mask, tokenizer.eos_token_id)
     scores = score(rows * n, texts)
     if args.eos_penalty is not None:  # a response that never ended gets the fixed penalty instead of its score
         scores = torch.where(ended, scores, args.eos_penalty)
-    kl = (logp_old - logp_ref).sum(1)
-    pairs = dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_old=logp_old.sum(1),
-                 scores=scores, kl=kl, rewards=scores - args.kl_coef * kl, ended=ended.float())
+    pairs = dict(query=query, query_mask=query_mask, responses=responses, mask=mask, logp_ref=logp_ref, scores=scores,
+                 ended=ended.float())
+    if logp_old is not None:  # else update() fills these in from its own forward
+        pairs |= pi_t_terms(logp_old, logp_ref, scores, args)
     keep = torch.ones(b, device=device)
     if args.mu == "best-of-n":
         pick, keep = best_and_worst(responses, pairs["rewards"], b)
         pairs = {key: value[pick] for key, value in pairs.items()}
     return pairs | {"keep": keep, "sample_score": scores.mean()}
+
+
+def pi_t_in_update(args: Args) -> bool:
+    """Whether each batch gets exactly one optimizer step (one pass, one minibatch), so the update's forward runs at
+    theta = pi_t and its log-probs, detached, are pi_t's: rollout then skips its own pi_t pass (TRL's GRPO does the
+    same with one iteration). Not with best-of-n (its pick needs every sample's KL first), nor with LoRA dropout in
+    train mode (the update's forward would be noisy where the rollout's is not)."""
+    return (args.num_passes == 1 and args.num_minibatches == 1 and args.mu != "best-of-n"
+            and not (args.lora_r and args.lora_dropout and args.gradient_checkpointing))
+
+
+def pi_t_terms(logp_old: torch.Tensor, logp_ref: torch.Tensor, scores: torch.Tensor, args: Args) -> dict:
+    """From pi_t's per-token log-probs: their sequence sum, the KL to pi_ref and the KL-regularised reward."""
+    kl = (logp_old - logp_ref).sum(1)
+    return {"logp_old": logp_old.sum(1), "kl": kl, "rewards": scores - args.kl_coef * kl}
 
 
 def best_and_worst(responses: torch.Tensor, rewards: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,10 +230,14 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
     """K passes of the REBEL regression over this rank's pairs, in minibatches of micro-batches.
 
     Each micro-batch forwards y and y' together (one forward, so DDP sees one backward per forward). The loss is the
-    mean over the kept pairs of the minibatch over all ranks (each micro-batch's sum over the ranks' mean count)."""
-    b = len(batch["rewards"]) // 2
+    mean over the kept pairs of the minibatch over all ranks (each micro-batch's sum over the ranks' mean count).
+    A batch without pi_t's log-probs (`pi_t_in_update`) gets them, its KL and its rewards from the forward at theta =
+    pi_t: the loss has the same value and gradient as with a separate pi_t pass."""
+    b, device = len(batch["responses"]) // 2, batch["responses"].device
     minibatch, micro = b // args.num_minibatches, b // args.num_minibatches // args.grad_accum_steps
-    device = batch["rewards"].device
+    pi_t_here = "logp_old" not in batch
+    if pi_t_here:
+        batch |= {key: torch.zeros(2 * b, device=device) for key in ("logp_old", "kl", "rewards")}
     keep = batch.get("keep", torch.ones(b, device=device))
     losses, predicted = [], torch.zeros(b, device=device)
     for _ in range(args.num_passes):
@@ -227,9 +248,14 @@ def update(policy, optimizer, scheduler, batch: dict, args: Args, amp) -> dict:
                 i = order[micro_start:micro_start + micro]
                 both = torch.cat([i, i + b])  # y rows, then their y' rows
                 with common.no_sync_unless(policy, step == args.grad_accum_steps - 1), amp():
-                    logp = common.logprobs(policy, batch["query"][both], batch["query_mask"][both],
-                                           batch["responses"][both], batch["mask"][both], args.temperature,
-                                           group=2).sum(1)  # y and y' share their prompt's forward
+                    token_logp = common.logprobs(policy, batch["query"][both], batch["query_mask"][both],
+                                                 batch["responses"][both], batch["mask"][both], args.temperature,
+                                                 group=2)  # y and y' share their prompt's forward
+                    if pi_t_here:  # before the one optimizer step theta is pi_t: its log-probs, detached, are pi_t's
+                        terms = pi_t_terms(token_logp.detach(), batch["logp_ref"][both], batch["scores"][both], args)
+                        for key, value in terms.items():
+                            batch[key][both] = value
+                    logp = token_logp.sum(1)
                     logp_ratio = logp - batch["logp_old"][both]
                     loss = rebel_loss(logp[:len(i)], batch["logp_old"][i], logp[len(i):], batch["logp_old"][i + b],
                                       batch["rewards"][i], batch["rewards"][i + b], args.eta, keep[i], kept)

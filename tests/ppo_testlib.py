@@ -36,7 +36,7 @@ def learning_run(module, model_dir: str, tmp_path, monkeypatch, **overrides) -> 
     settings = dict(model=model_dir, dataset=write_dataset(tmp_path / "data.jsonl"),
                     reward_fn=f"{os.path.abspath(__file__)}:recorded_fraction_of_digits",
                     output_dir=str(tmp_path / "run"),
-                    seed=1, num_iterations=8, batch_size=16, num_ppo_epochs=4, num_minibatches=2, lr=1e-2,
+                    seed=1, num_iterations=10, batch_size=16, num_ppo_epochs=4, num_minibatches=2, lr=1e-2,
                     max_new_tokens=8, num_eval_prompts=8, micro_batch_size=16, eos_penalty=None,
                     eval_temperature=0.0)
     module.main(module.Args(**(settings | overrides)))

@@ -177,6 +177,26 @@ def test_generate_samples_softmax_over_temperature_and_cuts_after_eos(tiny_llama
     assert (greedy == greedy[0]).all()  # greedy decoding is deterministic
 
 
+def test_the_inverse_cdf_sampler_draws_softmax_over_temperature():
+    """40000 draws over 6 tokens against their softmax(scores / T) probabilities: over the 5 that can come, Pearson's
+    chi-square (4 degrees of freedom) stays under its 0.999 quantile, 18.47, for an exact sampler; the sixth, at
+    probability 1e-20, never comes."""
+    scores = torch.tensor([2.0, 0.0, -1.0, 1.5, -30.0, 0.5]).repeat(40000, 1)
+    torch.manual_seed(0)
+    out = common.InverseCDFSampler(0.7)(None, scores.clone())
+    assert torch.equal((out == 0).sum(1), torch.ones(40000, dtype=torch.long))  # one finite score a row: the pick
+    assert torch.isinf(out).sum() == 40000 * 5
+    counts = torch.bincount(out.argmax(1), minlength=6).double()
+    expected = 40000 * torch.softmax(scores[0].double() / 0.7, 0)
+    assert counts[4] == 0 and expected[4] < 1e-15
+    seen = expected > 1e-9
+    assert ((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum() < 18.47
+    torch.manual_seed(0)  # the default generator drives it: the same seed, the same picks
+    assert torch.equal(common.InverseCDFSampler(0.7)(None, scores.clone()), out)
+    far = common.InverseCDFSampler(1e-3)(None, scores[:100].clone())  # a tiny temperature: the argmax, no overflow
+    assert (far.argmax(1) == 0).all()
+
+
 def test_load_model_disables_dropout_and_loads_reward_model(tmp_path, tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     model.config.attention_dropout = 0.5

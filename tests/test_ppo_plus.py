@@ -29,7 +29,7 @@ class ScriptedGuide(torch.nn.Module):
         self.keys, self.script = keys, script
         self.generation_config = None  # common.generate swaps a model's own generation config out and back
 
-    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+    def generate(self, input_ids, attention_mask, generation_config, logits_processor, synced_gpus):
         return torch.cat([input_ids, self.script[[self.keys.index(q) for q in input_ids[:, -1].tolist()]]], 1)
 
 

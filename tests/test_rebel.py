@@ -113,7 +113,7 @@ def test_best_of_n_keeps_the_argmax_and_argmin_of_the_regularised_rewards(tiny_l
     tokenizer = common.load_tokenizer(tiny_llama)
     policy, reference = common.load_model(tiny_llama, CPU), common.load_model(tiny_llama, CPU)
     head = torch.nn.Linear(policy.config.hidden_size, policy.config.vocab_size, bias=True)
-    with torch.no_grad():  # the policy ends some of its 4-token responses (5 of the 12 here); pi_ref rarely would
+    with torch.no_grad():  # the policy ends some of its 4-token responses (some of the 12); pi_ref rarely would
         head.weight.copy_(policy.lm_head.weight)
         head.bias.zero_()
         head.bias[tokenizer.eos_token_id] = 3.0
@@ -127,9 +127,9 @@ def test_best_of_n_keeps_the_argmax_and_argmin_of_the_regularised_rewards(tiny_l
         return torch.tensor([sum(map(ord, t)) % 97 / 10 for t in texts])
 
     amp = common.precision("float32", CPU)[1]
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     batch = rebel.rollout(policy, reference, tokenizer, rows, score, args, amp)
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     query, query_mask = common.left_pad([r["input_ids"] for r in rows], tokenizer.pad_token_id)
     query, query_mask = query.repeat(4, 1), query_mask.repeat(4, 1)
     every = common.generate(policy, tokenizer, query, query_mask, 4, 1.0)
@@ -191,6 +191,65 @@ def test_best_of_n_drops_prompts_whose_best_and_worst_are_the_same_tokens(tiny_l
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     stats = rebel.update(policy, optimizer, scheduler, batch, args, amp)
     assert stats["loss"].item() == 0.0 and stats["reward_diff"].item() == 0.0
+
+
+@pytest.mark.parametrize("mu", ["policy", "dataset"])
+def test_one_step_per_batch_takes_pi_t_from_the_update_forward(mu, tiny_llama, tmp_path):
+    """One pass, one minibatch: the rollout skips its pi_t pass, and the update's forward at theta = pi_t fills in
+    pi_t's log-probs, the KL and the rewards. Against the same batch given a separate pi_t pass: the same numbers and
+    the same trained weights (the loss has the same value and gradient)."""
+    tokenizer = common.load_tokenizer(tiny_llama)
+    reference = common.load_model(tiny_llama, CPU)
+    rows = common.tokenize_prompts(common.load_splits(write_prompts(tmp_path / "p.jsonl", 8), "train", "test",
+                                                      1)[0], tokenizer, 64)
+    rows = [rows[i] for i in range(4)]
+    amp = common.precision("float32", CPU)[1]
+
+    def score(rows, texts):  # rewards apart from pair to pair, so the regression has something to fit
+        return torch.tensor([sum(map(ord, t)) % 13 / 4 for t in texts])
+
+    one = rebel.Args(mu=mu, batch_size=4, num_passes=1, num_minibatches=1, grad_accum_steps=2, max_new_tokens=6,
+                     kl_coef=0.3, temperature=0.9, eos_penalty=None, lr=1e-3)
+    two_passes = dataclasses.replace(one, num_passes=2)
+    assert rebel.pi_t_in_update(one) and not rebel.pi_t_in_update(two_passes)
+    assert not rebel.pi_t_in_update(dataclasses.replace(one, num_minibatches=2))
+    assert not rebel.pi_t_in_update(dataclasses.replace(one, mu="best-of-n"))
+    def perturbed():  # pi_t: the reference's weights plus fixed noise, so the KL is not zero
+        model, generator = common.load_model(tiny_llama, CPU), torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        return model
+
+    policy = perturbed()
+    calls = []
+    policy.register_forward_hook(lambda *_: calls.append(1))
+    for args in (two_passes, one):  # the same samples (same seed); one policy forward fewer: the pi_t pass
+        torch.manual_seed(0)
+        batch = rebel.rollout(policy, reference, tokenizer, rows, score, args, amp)
+    assert len(calls) == 2 * 6 + 1  # sampling 6 tokens: 6 forwards each time; the pi_t pass: 1, the first time only
+    assert "logp_old" not in batch and "rewards" not in batch
+    given = dict(batch)
+    with torch.no_grad():
+        logp_old = common.logprobs(policy, batch["query"], batch["query_mask"], batch["responses"], batch["mask"],
+                                   one.temperature)
+    given |= rebel.pi_t_terms(logp_old, batch["logp_ref"], batch["scores"], one)
+    assert given["kl"].abs().min() > 0.01
+    trained = {}
+    for name, pairs in (("from the update", batch), ("given", given)):
+        model = perturbed()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=one.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        torch.manual_seed(1)
+        stats = rebel.update(model, optimizer, scheduler, pairs, one, amp)
+        trained[name] = (torch.cat([p.detach().flatten() for p in model.parameters()]), stats)
+    for key in ("logp_old", "kl", "rewards"):
+        torch.testing.assert_close(batch[key], given[key], atol=1e-5, rtol=0)
+    (a, stats_a), (b, stats_b) = trained.values()
+    start = torch.cat([p.detach().flatten() for p in policy.parameters()])
+    assert (a - start).abs().max() > 1e-4  # the step moved the weights
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert stats_a["loss"].item() > 0.01 and stats_a["loss"].item() == pytest.approx(stats_b["loss"].item(), rel=1e-5)
 
 
 def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
