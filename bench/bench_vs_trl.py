@@ -50,6 +50,9 @@ class Args:
     """timed steps, after one untimed warm-up step"""
     seed: int = 1
     """random seed"""
+    trl_gradient_checkpointing: bool = False
+    """TRL's RLOO and GRPO configs default to gradient checkpointing (the backward recomputes each block's forward);
+    off here, so that both sides do the same arithmetic (ours checkpoint only when asked); on: TRL's defaults"""
     only: str | None = None
     """internal: run this one in this process and print its result as JSON"""
 
@@ -94,7 +97,8 @@ def run_trl(args: Args, name: str) -> dict:
                     num_generations=2, max_completion_length=args.max_new_tokens, temperature=0.7, top_p=1.0,
                     beta=0.05, learning_rate=1e-6, max_steps=args.steps + 1, gradient_accumulation_steps=1,
                     num_iterations=1, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
-                    bf16=device.type == "cuda", use_cpu=device.type == "cpu", dataloader_num_workers=0)
+                    bf16=device.type == "cuda", use_cpu=device.type == "cpu", dataloader_num_workers=0,
+                    gradient_checkpointing=args.trl_gradient_checkpointing)
     data = embedded.dataset(common.ARITHMETIC)["train"].select_columns(["prompt"])
     timer = StepTimer()
     trainer = Trainer(model=common.resolve_model(args.model), reward_funcs=embedded.arithmetic_reward, args=config,
@@ -122,7 +126,8 @@ def main(args: Args):
     results = {}
     for name in args.runs:  # one after another, each in its own process
         flags = [f"--model={args.model}", f"--prompts={args.prompts}", f"--max-new-tokens={args.max_new_tokens}",
-                 f"--steps={args.steps}", f"--seed={args.seed}", f"--only={name}"]
+                 f"--steps={args.steps}", f"--seed={args.seed}", f"--only={name}",
+                 "--" + "no-" * (not args.trl_gradient_checkpointing) + "trl-gradient-checkpointing"]
         out = subprocess.run([sys.executable, os.path.abspath(__file__), *flags], capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
@@ -134,7 +139,8 @@ def main(args: Args):
               f"{', '.join(f'{s:.2f}' for s in r['seconds'])})  {r['memory'] / 2 ** 30:6.2f} GiB peak", flush=True)
     device = next(iter(results.values()))["device"]
     print(f"\n{args.model} on {device}: {args.prompts} prompts x 2 completions x {args.max_new_tokens} tokens, KL 0.05, "
-          f"one optimizer step; mean of {args.steps} steps after a warm-up")
+          f"one optimizer step; mean of {args.steps} steps after a warm-up; TRL's gradient checkpointing "
+          f"{'on' if args.trl_gradient_checkpointing else 'off'}")
     print("| ours | TRL | time ours / TRL | peak memory ours / TRL |\n|---|---|---|---|")
     for ours in [n for n in args.runs if n in OURS]:
         for theirs in [n for n in args.runs if n in TRL]:
