@@ -725,9 +725,8 @@ def sampling_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """ln softmax(logits / T) at `tokens`, in float32."""
-    logits = logits.float() / temperature
-    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    """ln softmax(logits / T) at `tokens`, in float32 (log_softmax: one fused kernel each way)."""
+    return torch.gather(F.log_softmax(logits.float() / temperature, -1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
@@ -737,8 +736,9 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
     sum over dim 1 for a sequence's log-prob. entropy=True also returns each position's entropy (a statistic: no
     gradient). With micro_batch, a no-grad pass in forwards of that many sequences (old and reference log-probs).
 
-    One forward of query + response: position ids come from the attention mask, so left padding does not shift
-    positions, and only the last R+1 positions go through the LM head (logits_to_keep). The log-softmax runs over
+    One forward of query + response[:, :-1] (the last token's logits would predict nothing, and causal attention
+    means no earlier position sees it): position ids come from the attention mask, so left padding does not shift
+    positions, and only the last R positions go through the LM head (logits_to_keep). The log-softmax runs over
     chunks of positions in float32 (the backward recomputes each chunk), so no float32 copy of the whole
     [B, R, vocab] logits ever exists: at a 128k vocabulary that copy is 4 GB for 4 sequences of 2k tokens.
 
@@ -754,13 +754,14 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
         return tuple(torch.cat(p)[order] for p in zip(*parts)) if entropy else torch.cat(parts)[order]
     checkpointed = model.training and any(  # transformers' checkpointing drops the KV cache (in train mode)
         getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
-    if group > 1 and not checkpointed and (group - 1) * len(query) // group * query.shape[1] >= SHARED_QUERY_MIN_TOKENS:
+    fewer = (group - 1) * len(query) // group * query.shape[1]  # tokens a shared prompt spares
+    if group > 1 and not checkpointed and response.shape[1] > 1 and fewer >= SHARED_QUERY_MIN_TOKENS:
         logits = shared_query_logits(model, query, query_mask, response, response_mask, group)
     else:
-        ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+        ids, mask = torch.cat([query, response[:, :-1]], 1), torch.cat([query_mask, response_mask[:, :-1]], 1)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                    logits_to_keep=response.shape[1] + 1, use_cache=False)
-        logits = out.logits[:, :-1]  # the shift: the logits at position t predict response[:, t]
+                    logits_to_keep=response.shape[1], use_cache=False)
+        logits = out.logits  # the shift: the logits at position Q - 1 + t predict response[:, t]
     step = max(1, LOGPROB_CHUNK // (logits.shape[0] * logits.shape[2]))  # positions per chunk
     logp, entropies = [], []
     for t in range(0, logits.shape[1], step):
@@ -787,10 +788,10 @@ def shared_query_logits(model, query: torch.Tensor, query_mask: torch.Tensor, re
     costs 0.55x. Gradients flow into the queries' forward through the cache. The queries' forward bypasses a DDP
     wrapper (two DDP forwards before one backward fail); the backward still all-reduces every gradient."""
     first_logits, cache = query_cache(unwrap(model), query, query_mask, group)
-    mask = torch.cat([query_mask, response_mask], 1)
-    out = model(input_ids=response, attention_mask=mask, position_ids=(mask.cumsum(1) - 1)[:, query.shape[1]:],
-                logits_to_keep=response.shape[1], use_cache=True, **{CACHE: cache})
-    return torch.cat([first_logits.repeat(group, 1, 1), out.logits[:, :-1]], 1)
+    mask = torch.cat([query_mask, response_mask[:, :-1]], 1)  # the last token predicts nothing: not fed
+    out = model(input_ids=response[:, :-1], attention_mask=mask, position_ids=(mask.cumsum(1) - 1)[:, query.shape[1]:],
+                logits_to_keep=response.shape[1] - 1, use_cache=True, **{CACHE: cache})
+    return torch.cat([first_logits.repeat(group, 1, 1), out.logits], 1)
 
 
 def group_chunks(rows: int, group: int, size: int, device: torch.device) -> list[torch.Tensor]:

@@ -245,9 +245,10 @@ class PolicyAndValue(torch.nn.Module):
         """(ln pi(a_t|s_t), the entropy of pi(.|s_t), V(s_t)) at each response token ([B, R] each)."""
         logp, entropy = common.logprobs(self.policy, query, query_mask, response, response_mask, temperature,
                                         entropy=True)
-        values = common.scalar_head(self.value, torch.cat([query, response], 1),
-                                    torch.cat([query_mask, response_mask], 1))
-        return logp, entropy, values[:, query.shape[1] - 1:-1].float()
+        # V(s_t) before each response token; the state after the last one ends the episode: not fed
+        values = common.scalar_head(self.value, torch.cat([query, response[:, :-1]], 1),
+                                    torch.cat([query_mask, response_mask[:, :-1]], 1))
+        return logp, entropy, values[:, query.shape[1] - 1:].float()
 
 
 def load_value_model(args: Args, device: torch.device) -> torch.nn.Module:

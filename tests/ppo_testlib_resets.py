@@ -84,7 +84,7 @@ def check_prefix_is_context_only(module, model_dir: str, **reset_flags) -> list[
     context = batch["query"].shape[1]  # the last context token is at context - 1: it predicts the first learner token
     assert len(grads) == 2  # policy and value backbones, one micro-batch
     for g in grads:
-        assert g.shape[1] == context + width
+        assert g.shape[1] == context + width - 1  # a response's last token is fed to neither model
         assert g[:, :context - 1].abs().max() == 0
         assert (g[:, context - 1].abs().sum(-1) > 0).all()
     return prefixes

@@ -63,9 +63,9 @@ def test_logprobs_match_hand_computation_and_ignore_padding(fixture, request):
 def test_a_group_of_samples_shares_its_prompts_forward_with_the_same_numbers(fixture, request, monkeypatch):
     """group=n (rows j*b + i hold prompt i, as the scripts lay out a prompt's n samples): each prompt goes through
     the model once and its KV cache serves its n responses. Log-probs, entropies, gradients and sampled tokens are
-    those of the plain path; the embedding sees b*Q fewer tokens per extra sample; under gradient checkpointing
-    (which drops the cache), or where fewer than SHARED_QUERY_MIN_TOKENS would be saved, the plain path runs; rows
-    that do not share their prompt are refused."""
+    those of the plain path; the embedding sees b*Q fewer tokens per extra sample, and never a response's last token
+    (its logits would predict nothing); under gradient checkpointing (which drops the cache), or where fewer than
+    SHARED_QUERY_MIN_TOKENS would be saved, the plain path runs; rows that do not share their prompt are refused."""
     path = request.getfixturevalue(fixture)
     model, tokenizer = common.load_model(path, CPU), common.load_tokenizer(path)
     eos, b, n, width = tokenizer.eos_token_id, 3, 2, 7
@@ -89,12 +89,13 @@ def test_a_group_of_samples_shares_its_prompts_forward_with_the_same_numbers(fix
     monkeypatch.setattr(common, "SHARED_QUERY_MIN_TOKENS", b * query.shape[1] - 1)  # all three prompts: just enough
     with torch.no_grad():
         assert run(n, micro_batch=4)[1] == plain_tokens  # 2 prompts a forward save too little: each row whole
-        assert run(n)[1] == b * (query.shape[1] + n * width)  # all 3 in one forward save enough: shared
+        assert run(n)[1] == b * (query.shape[1] + n * (width - 1))  # all 3 in one forward save enough: shared
     monkeypatch.setattr(common, "SHARED_QUERY_MIN_TOKENS", 0)
     with torch.no_grad():
         (shared, entropy), shared_tokens = run(n, micro_batch=4, entropy=True)  # forwards of 2 prompts x 2 rows
         one_prompt_each = run(n, micro_batch=3)[0]  # 3 // 2: forwards of 1 prompt x 2 rows
-    assert plain_tokens == b * n * (query.shape[1] + width) and shared_tokens == b * (query.shape[1] + n * width)
+    assert plain_tokens == b * n * (query.shape[1] + width - 1)
+    assert shared_tokens == b * (query.shape[1] + n * (width - 1))
     assert torch.allclose(shared, plain, atol=1e-5) and torch.allclose(one_prompt_each, plain, atol=1e-5)
     assert torch.allclose(entropy, plain_entropy, atol=1e-5) and (shared[1, 4:] == 0).all()
     weights = torch.randn(b * n, width)  # a loss with every row and position weighted differently

@@ -55,11 +55,13 @@ def test_value_model_trains_adapters_and_its_whole_head(tiny_llama):
 
 
 def test_lora_rebel_learns(tiny_llama, tmp_path):
-    """The digits reward of test_rebel.py, with LoRA r 8 and a larger learning rate: the held-out greedy mean went
-    0.19 -> 1.0 at seeds 1, 2 and 3 (at lr 3e-2, one seed of three; full fine-tuning: 0.19 -> 1.0 at lr 3e-3)."""
+    """The digits reward of test_rebel.py, with LoRA r 8, a larger learning rate and 20 iterations: the held-out
+    greedy mean went 0.19 -> 1.0 at seeds 1 to 5 (at 10 iterations, one seed of three; full fine-tuning: 0.19 -> 1.0
+    at lr 3e-3). The sampled score moves little (0.10 -> 0.13): the tiny model's logits are nearly flat, and the
+    greedy answer is what the adapter turns to digits first."""
     out = tmp_path / "out"
     rebel.main(rebel.Args(model=tiny_llama, dataset=write_prompts(tmp_path / "p.jsonl"), lora_r=8, lr=1e-1,
-                          reward_fn="tests/rewards.py:fraction_of_digits", output_dir=str(out), num_iterations=10,
+                          reward_fn="tests/rewards.py:fraction_of_digits", output_dir=str(out), num_iterations=20,
                           batch_size=16, eta=10.0, kl_coef=0.0, eos_penalty=None, max_new_tokens=8,
                           num_eval_prompts=16, seed=1))
     final = read_jsonl(out / "metrics.jsonl")[-1]
@@ -67,10 +69,10 @@ def test_lora_rebel_learns(tiny_llama, tmp_path):
 
 
 def test_lora_ppo_learns(tiny_llama, tmp_path, monkeypatch):
-    """PPO's learning run of test_ppo.py with LoRA r 8 on policy and value model and a larger learning rate (greedy
-    mean 0.11 -> 1.0 at seeds 1, 2 and 3; at lr 3e-2, one seed of three)."""
+    """PPO's learning run of test_ppo.py with LoRA r 8 on policy and value model, a larger learning rate and 20
+    iterations (greedy mean 0.11 -> 0.5 at seed 1, -> 1.0 at seeds 2 to 5; at 10 iterations seed 2 fell to 0.05)."""
     from ppo_testlib import learning_run
 
-    metrics, _ = learning_run(ppo, tiny_llama, tmp_path, monkeypatch, lora_r=8, lr=1e-1)
+    metrics, _ = learning_run(ppo, tiny_llama, tmp_path, monkeypatch, lora_r=8, lr=1e-1, num_iterations=20)
     final = metrics[-1]
     assert final["eval_score_after"] - final["eval_score_before"] > 0.3

@@ -253,8 +253,9 @@ def test_one_step_per_batch_takes_pi_t_from_the_update_forward(mu, tiny_llama, t
 
 
 def test_rebel_learns_a_rule_reward_on_a_tiny_model(tiny_llama, tmp_path):
-    """Reward = fraction of digits in 8 sampled characters: ~0.1 for the random model. Measured at seed 1:
-    0.07 -> 0.22 over 10 iterations, and greedy eval 0.19 -> 1.0."""
+    """Reward = fraction of digits in 8 sampled characters: ~0.1 for the random model. Mean sampled score of the
+    first and last 3 of 10 iterations: 0.12 -> 0.23 at seed 1 (0.08 -> 0.23, 0.10 -> 0.25 at seeds 2, 3); greedy
+    eval 0.19 -> 1.0 at all three."""
     out = tmp_path / "out"
     rebel.main(rebel.Args(model=tiny_llama, dataset=write_prompts(tmp_path / "p.jsonl"),
                           reward_fn="tests/rewards.py:fraction_of_digits", output_dir=str(out), num_iterations=10,
