@@ -11,7 +11,8 @@ in float32 on CPU (bf16 autocast on a GPU for ours; TRL's bf16 flag on a GPU for
 its nearest are RLOOTrainer (REBEL-like: two completions per prompt, the other's reward as baseline) and GRPOTrainer
 (group-normalised advantages, PPO's clipped ratio). Our runs are the scripts' own `rollout` and `update`
 (bench/bench_rebel_vs_ppo.py's worker); TRL's go through `trainer.train()` with a callback timing each step (sampling,
-reward, reference and old log-probs, loss, backward, optimizer step).
+reward, reference and old log-probs, loss, backward, optimizer step). Neither side checkpoints activations: TRL's
+configs default to gradient checkpointing, which this bench turns off unless --trl-gradient-checkpointing.
 
 Each run is its own subprocess (its peak memory is its own: the process's peak resident set on CPU, max allocated on a
 GPU), and runs one after another: never in parallel, timings on 2 shared cores mean nothing. The first step warms
