@@ -136,6 +136,22 @@ def test_a_group_of_samples_shares_its_prompts_forward_with_the_same_numbers(fix
     assert torch.equal(greedy, common.generate(model, tokenizer, query, query_mask, steps, 0.0))
 
 
+def test_one_token_responses_score_by_hand_whether_or_not_the_group_shares(tiny_llama, monkeypatch):
+    """A one-token response has no token to feed on top of a shared prompt's cache (the last token goes through no
+    forward): its log-prob is the prompt's last logits', by hand, with group=2 as with group=1."""
+    model, tokenizer = common.load_model(tiny_llama, CPU), common.load_tokenizer(tiny_llama)
+    prompts = [tokenizer(text)["input_ids"] for text in ("What is 1 + 2?", "Hi")]
+    query, query_mask = common.left_pad(prompts * 2, tokenizer.pad_token_id)
+    response = torch.tensor([[11], [12], [13], [14]])
+    monkeypatch.setattr(common, "SHARED_QUERY_MIN_TOKENS", 0)  # sharing would be taken for any longer response
+    with torch.no_grad():
+        shared = common.logprobs(model, query, query_mask, response, torch.ones_like(response), 0.7, group=2)
+        plain = common.logprobs(model, query, query_mask, response, torch.ones_like(response), 0.7)
+    by_hand = [hand_logprobs(model, prompts[i % 2], [11 + i], 0.7) for i in range(4)]
+    assert shared.shape == (4, 1) and torch.allclose(shared, plain, atol=1e-5)
+    assert torch.allclose(shared.double(), torch.tensor(by_hand, dtype=torch.double), atol=1e-4)
+
+
 def test_eos_cut_mask_and_penalty():
     eos, pad = 3, 0
     responses = torch.tensor([[5, 6, 3, 7, 3], [5, 6, 7, 8, 9], [3, 4, 4, 4, 4]])
