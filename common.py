@@ -674,8 +674,7 @@ def generate(model, tokenizer, query: torch.Tensor, query_mask: torch.Tensor, ma
         with eval_mode(model), gathered(model), precision:
             for rows in group_chunks(len(query), group, batch_size or len(query), query.device):
                 cache = {}
-                fewer = (group - 1) * len(rows) // group * (query.shape[1] - 1)  # tokens the shared prefill spares
-                if group > 1 and backend == "dynamic" and fewer >= SHARED_QUERY_MIN_TOKENS:  # the prompts' prefill once
+                if backend == "dynamic" and sharing_pays(len(rows), group, query.shape[1] - 1):  # a prompt prefilled once
                     cache = {CACHE: query_cache(model, query[rows, :-1], query_mask[rows, :-1], group)[1]}
                 out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=config,
                                      logits_processor=sampler, synced_gpus=False, **cache)
@@ -754,8 +753,7 @@ def logprobs(model, query: torch.Tensor, query_mask: torch.Tensor, response: tor
         return tuple(torch.cat(p)[order] for p in zip(*parts)) if entropy else torch.cat(parts)[order]
     checkpointed = model.training and any(  # transformers' checkpointing drops the KV cache (in train mode)
         getattr(m, "gradient_checkpointing", False) for m in unwrap(model).modules())
-    fewer = (group - 1) * len(query) // group * query.shape[1]  # tokens a shared prompt spares
-    if group > 1 and not checkpointed and response.shape[1] > 1 and fewer >= SHARED_QUERY_MIN_TOKENS:
+    if sharing_pays(len(query), group, query.shape[1]) and not checkpointed and response.shape[1] > 1:
         logits = shared_query_logits(model, query, query_mask, response, response_mask, group)
     else:
         ids, mask = torch.cat([query, response[:, :-1]], 1), torch.cat([query_mask, response_mask[:, :-1]], 1)
@@ -792,6 +790,12 @@ def shared_query_logits(model, query: torch.Tensor, query_mask: torch.Tensor, re
     out = model(input_ids=response[:, :-1], attention_mask=mask, position_ids=(mask.cumsum(1) - 1)[:, query.shape[1]:],
                 logits_to_keep=response.shape[1] - 1, use_cache=True, **{CACHE: cache})
     return torch.cat([first_logits.repeat(group, 1, 1), out.logits], 1)
+
+
+def sharing_pays(rows: int, group: int, prompt_tokens: int) -> bool:
+    """Whether `rows` rows in groups of `group` sharing a prompt of prompt_tokens tokens spare at least
+    SHARED_QUERY_MIN_TOKENS tokens of forward by running each prompt once (`generate`, `logprobs`)."""
+    return group > 1 and (group - 1) * rows // group * prompt_tokens >= SHARED_QUERY_MIN_TOKENS
 
 
 def group_chunks(rows: int, group: int, size: int, device: torch.device) -> list[torch.Tensor]:
