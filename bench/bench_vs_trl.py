@@ -3,6 +3,7 @@
     python -m pip install "torch==2.13.0" "trl==1.16.0"      # TRL is not a dependency of the project: only this bench
     python bench/bench_vs_trl.py                            # embedded model, CPU: 16 prompts x 2 completions x 16 tokens
     python bench/bench_vs_trl.py --runs rebel trl-rloo      # a subset
+    python bench/bench_vs_trl.py --random-init --prompts 64 --max-new-tokens 128 --steps 3   # on a GPU
 
 The same work for every run: --prompts prompts of the embedded arithmetic task, 2 completions each (PPO, which samples
 one response per prompt, gets 2 x --prompts prompts: the same number of sequences), --max-new-tokens tokens sampled
@@ -17,11 +18,15 @@ configs default to gradient checkpointing, which this bench turns off unless --t
 Each run is its own subprocess (its peak memory is its own: the process's peak resident set on CPU, max allocated on a
 GPU), and runs one after another: never in parallel, timings on 2 shared cores mean nothing. The first step warms
 up and is not timed; the mean of the next --steps is. Prints the table and each of ours over each of TRL's.
+--random-init gives every run the same fresh random weights built from --model's config (its config and tokenizer
+files suffice: what a machine has when no weights can reach it); a random model almost never samples EOS, so every
+completion is --max-new-tokens long on both sides.
 """
 
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +59,8 @@ class Args:
     trl_gradient_checkpointing: bool = False
     """TRL's RLOO and GRPO configs default to gradient checkpointing (the backward recomputes each block's forward);
     off here, so that both sides do the same arithmetic (ours checkpoint only when asked); on: TRL's defaults"""
+    random_init: bool = False
+    """random weights (seeded) from --model's config, the same for every run, instead of --model's weights"""
     only: str | None = None
     """internal: run this one in this process and print its result as JSON"""
 
@@ -111,6 +118,25 @@ def run_trl(args: Args, name: str) -> dict:
             "memory": peak_memory(device), "device": str(device)}
 
 
+def random_copy(name: str, seed: int) -> str:
+    """A temporary folder holding `name`'s config, tokenizer and generation config with fresh random weights (only
+    those small files are read: a hub id or a folder without weights both work)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    source, folder = common.resolve_model(name), tempfile.mkdtemp(prefix="bench_vs_trl_")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: keep the one derived from the config
+        pass
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
 def main(args: Args):
     if args.only is not None:
         result = run_ours(args, args.only) if args.only in OURS else run_trl(args, args.only)
@@ -124,9 +150,28 @@ def main(args: Args):
             import trl  # noqa: F401
         except ImportError:
             common.fail('--runs: TRL is not installed; python -m pip install "torch==2.13.0" "trl==1.16.0"')
+    model = random_copy(args.model, args.seed) if args.random_init else args.model
+    try:
+        results = run_all(args, model)
+    finally:
+        if args.random_init:
+            shutil.rmtree(model)
+    device = next(iter(results.values()))["device"]
+    print(f"\n{args.model}{' (random weights)' * args.random_init} on {device}: {args.prompts} prompts x 2 completions "
+          f"x {args.max_new_tokens} tokens, KL 0.05, one optimizer step; mean of {args.steps} steps after a warm-up; "
+          f"TRL's gradient checkpointing {'on' if args.trl_gradient_checkpointing else 'off'}")
+    print("| ours | TRL | time ours / TRL | peak memory ours / TRL |\n|---|---|---|---|")
+    for ours in [n for n in args.runs if n in OURS]:
+        for theirs in [n for n in args.runs if n in TRL]:
+            a, b = results[ours], results[theirs]
+            print(f"| {ours} | {theirs} | {a['mean'] / b['mean']:.2f}x | {a['memory'] / b['memory']:.2f}x |")
+
+
+def run_all(args: Args, model: str) -> dict:
+    """Each of --runs in its own subprocess, one after another; prints each one's line as it finishes."""
     results = {}
     for name in args.runs:  # one after another, each in its own process
-        flags = [f"--model={args.model}", f"--prompts={args.prompts}", f"--max-new-tokens={args.max_new_tokens}",
+        flags = [f"--model={model}", f"--prompts={args.prompts}", f"--max-new-tokens={args.max_new_tokens}",
                  f"--steps={args.steps}", f"--seed={args.seed}", f"--only={name}",
                  "--" + "no-" * (not args.trl_gradient_checkpointing) + "trl-gradient-checkpointing"]
         out = subprocess.run([sys.executable, os.path.abspath(__file__), *flags], capture_output=True, text=True)
@@ -138,15 +183,7 @@ def main(args: Args):
         r["mean"] = sum(r["seconds"]) / len(r["seconds"])
         print(f"{name:9s} {r['responses']:4d} sequences  {r['mean']:7.2f} s/step (each: "
               f"{', '.join(f'{s:.2f}' for s in r['seconds'])})  {r['memory'] / 2 ** 30:6.2f} GiB peak", flush=True)
-    device = next(iter(results.values()))["device"]
-    print(f"\n{args.model} on {device}: {args.prompts} prompts x 2 completions x {args.max_new_tokens} tokens, KL 0.05, "
-          f"one optimizer step; mean of {args.steps} steps after a warm-up; TRL's gradient checkpointing "
-          f"{'on' if args.trl_gradient_checkpointing else 'off'}")
-    print("| ours | TRL | time ours / TRL | peak memory ours / TRL |\n|---|---|---|---|")
-    for ours in [n for n in args.runs if n in OURS]:
-        for theirs in [n for n in args.runs if n in TRL]:
-            a, b = results[ours], results[theirs]
-            print(f"| {ours} | {theirs} | {a['mean'] / b['mean']:.2f}x | {a['memory'] / b['memory']:.2f}x |")
+    return results
 
 
 if __name__ == "__main__":
